@@ -1,0 +1,182 @@
+"""The fast engine against the naive one-backward-per-token reference (SPEC §2-3)."""
+import pytest
+import torch
+
+import models_zoo as zoo
+from ultra_fast import explain, explain_authors, explain_naive, wrap
+
+MODEL_KEYS = list(zoo.MODELS)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference relative to the map scale."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    scale = b.abs().max().item()
+    assert scale > 0, "reference maps are all zero: the comparison would be vacuous"
+    return (a - b).abs().max().item() / scale
+
+
+def cubic(z):
+    return (z[..., : z.shape[-1] // 2] ** 3).sum(-1)
+
+
+def scalar_args(name, model_key):
+    if name == "learned":
+        adapter = wrap(zoo.get(model_key)[0])
+        _, size = zoo.MODELS[model_key]
+        n = adapter.num_prefix_tokens + (size[0] // adapter.preprocessing.patch_size[0]) * (
+            size[1] // adapter.preprocessing.patch_size[1])
+        theta = torch.randn(n, adapter.embed_dim, dtype=torch.float64)
+        return dict(scalar="learned", weights=theta)
+    if name == "callable":
+        return dict(scalar=cubic)
+    return dict(scalar=name)
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+@pytest.mark.parametrize("scalar", ["sum", "energy", "norm", "learned", "callable"])
+def test_engine_matches_naive_fp64(model_key, scalar):
+    model, size = zoo.get(model_key)
+    x = zoo.images(size)
+    kw = scalar_args(scalar, model_key)
+    fast = explain(model, x, **kw)
+    ref = explain_naive(model, x, **kw)
+    assert fast.dtype == torch.float64
+    assert rel_err(fast, ref) <= 1e-9
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+@pytest.mark.parametrize("order", ["rollout", "paper"])
+def test_orders_start_block_layer_and_target_subsets(model_key, order):
+    model, size = zoo.get(model_key)
+    x = zoo.images(size)
+    P = wrap(model).num_prefix_tokens
+    targets = [0, P, P + 2, P + 1]  # a prefix token, patches out of order
+    kw = dict(order=order, start_block=3, layer=-3, targets=targets, scalar="energy")
+    fast = explain(model, x, **kw)
+    assert fast.shape[:2] == (2, len(targets))
+    assert rel_err(fast, explain_naive(model, x, **kw)) <= 1e-9
+
+
+@pytest.mark.parametrize("order", ["rollout", "paper"])
+def test_all_tokens_and_per_image_targets(order):
+    model, size = zoo.get("dinov2_s14_reg")
+    x = zoo.images(size)
+    fast = explain(model, x, targets="all", order=order, layer=6)
+    assert rel_err(fast, explain_naive(model, x, targets="all", order=order, layer=6)) <= 1e-9
+    per_image = torch.tensor([[5, 9, 0], [16, 1, 7]])
+    fast = explain(model, x, targets=per_image, order=order)
+    assert rel_err(fast, explain_naive(model, x, targets=per_image, order=order)) <= 1e-9
+
+
+@pytest.mark.parametrize("model_key", ["clip_b32", "open_clip_b32"])
+def test_memory_budget_forces_chunks_with_same_maps(model_key):
+    model, size = zoo.get(model_key)
+    x = zoo.images(size)
+    whole = explain(model, x, targets="all", order="paper")
+    for budget in (1, 3 * 2 ** 20):  # one target per chunk; a few targets per chunk
+        chunked = explain(model, x, targets="all", order="paper", memory_budget=budget)
+        assert rel_err(chunked, whole) <= 1e-12
+    assert rel_err(whole, explain_naive(model, x, targets="all", order="paper")) <= 1e-9
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+def test_batch_has_no_leakage_between_images(model_key):
+    model, size = zoo.get(model_key)
+    x = zoo.images(size, batch=2)
+    assert not torch.allclose(x[0], x[1])
+    both = explain(model, x)
+    for b in range(2):
+        alone = explain(model, x[b:b + 1])
+        assert rel_err(both[b:b + 1], alone) <= 1e-12
+    assert rel_err(both[0], both[1]) > 1e-3, "different images must give different maps"
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+def test_fp32_engine_matches_fp64_reference(model_key):
+    model64, size = zoo.get(model_key)
+    model32, _ = zoo.get(model_key, torch.float32)
+    x = zoo.images(size)
+    fast32 = explain(model32, x.float())
+    assert fast32.dtype == torch.float32
+    ref = explain_naive(model64, x)
+    assert rel_err(fast32.double(), ref) <= 1e-4
+
+
+def test_authors_algorithm_matches_naive():
+    model, size = zoo.get("dino_s16")
+    x = zoo.images(size)
+    for order in ("rollout", "paper"):
+        kw = dict(order=order, targets=[0, 3, 7], start_block=2, layer=10)
+        assert rel_err(explain_authors(model, x, **kw), explain_naive(model, x, **kw)) <= 1e-9
+
+
+def test_self_entry_is_max_of_the_others():
+    model, size = zoo.get("dino_s16")
+    x = zoo.images(size, batch=1)
+    raw = explain(model, x, self_max=False).flatten(2)
+    maps = explain(model, x).flatten(2)
+    n = maps.shape[-1]
+    for t in range(n):
+        others = torch.cat([raw[0, t, :t], raw[0, t, t + 1:]])
+        assert maps[0, t, t] == others.max()
+        assert raw[0, t, t] > others.max(), "without the replacement the skip connection dominates"
+        assert torch.equal(torch.cat([maps[0, t, :t], maps[0, t, t + 1:]]), others)
+
+
+def test_upsampling_sizes_and_modes():
+    model, size = zoo.get("dino_s16")
+    x = zoo.images(size, batch=1)
+    grid = explain(model, x)
+    up = explain(model, x, size="input")
+    assert up.shape[-2:] == x.shape[-2:]
+    ref = torch.nn.functional.interpolate(grid[0].unsqueeze(1), size=x.shape[-2:], mode="bilinear",
+                                          align_corners=False)
+    assert torch.allclose(up[0], ref[:, 0])
+    bic = explain(model, x, size=(30, 40), interpolation="bicubic")
+    assert bic.shape[-2:] == (30, 40)
+
+
+def test_model_is_left_unchanged():
+    model, size = zoo.get("clip_b32")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        explain(model, zoo.images(size), targets=[1, 2])
+        assert model.training and all(m.training for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(layer=13), ValueError, "layer=13"),
+    (dict(layer=-13), ValueError, "layer=-13"),
+    (dict(start_block=0), ValueError, "start_block"),
+    (dict(start_block=5, layer=4), ValueError, "start_block"),
+    (dict(order="forward"), ValueError, "order"),
+    (dict(scalar="entropy"), ValueError, "scalar"),
+    (dict(scalar="learned"), ValueError, "weights"),
+    (dict(targets="cls"), ValueError, "targets"),
+    (dict(targets=[0, 99]), IndexError, r"\[0, 13\)"),
+    (dict(targets=torch.tensor([0.5])), TypeError, "integers"),
+    (dict(interpolation="nearest", size=(8, 8)), ValueError, "interpolation"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_options_raise_clear_errors(kwargs, err, match):
+    model, size = zoo.get("dino_s16")
+    with pytest.raises(err, match=match):
+        explain(model, zoo.images(size, batch=1), **kwargs)
+
+
+def test_bad_images_raise_clear_errors():
+    model, _ = zoo.get("dino_s16")
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        explain(model, torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        explain(model, torch.randn(1, 3, 40, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating"):
+        explain(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -1,0 +1,138 @@
+"""The fast exact engine (SPEC §3): all targets back-propagated together, block by block."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import Adapter, wrap
+from .backend import get_ops
+from .maps import Size, finalize, resolve_size, upsample
+from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
+                      resolve_start)
+from .scalars import LearnedScalar, ScalarFn, resolve_scalar, token_cotangents
+from .targets import Targets, resolve_targets
+
+
+def forward_saving_inputs(adapter: Adapter, images: torch.Tensor, layer: int, start_block: int):
+    """One graph-free forward to block ``layer``; returns z^(layer) and the inputs of blocks s..l."""
+    saved = []
+    with torch.no_grad():
+        z = adapter.embed(images)
+        for b in range(layer):
+            if b >= start_block - 1:
+                saved.append(z)
+            z, _ = adapter.block(b, z)
+    return z, saved
+
+
+def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(T, B, N, d) cotangents: target t of image b is dF/dz at row idx[b, t] and zero elsewhere."""
+    B, N, d = rows.shape
+    T = idx.shape[1]
+    cot = rows.new_zeros(T, B, N, d)
+    bi = torch.arange(B, device=rows.device).unsqueeze(0).expand(T, B)
+    ti = torch.arange(T, device=rows.device).unsqueeze(1).expand(T, B)
+    tok = idx.t()
+    cot[ti, bi, tok] = rows[bi, tok]
+    return cot
+
+
+def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops) -> torch.Tensor:
+    """S̄_i[i, :] for one chunk of targets: (B, T, N)."""
+    B, N, _ = rows.shape
+    T = idx.shape[1]
+    eye_rows = torch.nn.functional.one_hot(idx, N).to(rows.dtype)  # (B, T, N)
+    if order == "rollout":
+        state = eye_rows
+    else:
+        state = torch.eye(N, dtype=rows.dtype, device=rows.device).expand(B, T, N, N).contiguous()
+    g = seed_cotangents(rows, idx)
+    first = start_block - 1
+    for k in range(len(saved) - 1, -1, -1):
+        needs_input_grad = k > 0
+        x = saved[k].detach().requires_grad_(needs_input_grad)
+        with torch.enable_grad():
+            out, attn = adapter.block(first + k, x)
+            wrt = (attn, x) if needs_input_grad else (attn,)
+            grads = torch.autograd.grad(out, wrt, grad_outputs=g, is_grads_batched=True)
+        G = grads[0].transpose(0, 1)  # (B, T, H, N, N) view; the native ops take the strides as they are
+        A = attn.detach()
+        if order == "rollout":
+            state = ops.rollout_step(state, G, A)
+        else:
+            state = ops.paper_step(state, G, A)
+        g = grads[1] if needs_input_grad else None
+        del grads, G, out, attn  # the block's gradients are consumed: free them before the next block
+    if order == "rollout":
+        return state
+    return torch.einsum("btn,btnm->btm", eye_rows, state)
+
+
+def explain(
+    model: Union[nn.Module, Adapter],
+    images: torch.Tensor,
+    layer: int = -1,
+    scalar: Union[str, ScalarFn] = "sum",
+    targets: Targets = "patches",
+    order: str = "rollout",
+    start_block: int = 1,
+    size: Size = None,
+    interpolation: str = "bilinear",
+    self_max: bool = True,
+    weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    memory_budget: Optional[int] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Exact ULTra explanation maps of many tokens of many images (SPEC §2), fast (SPEC §3).
+
+    Args:
+        model: a timm or open_clip ViT (wrapped automatically, left unchanged) or an ``Adapter``.
+        images: preprocessed (B, 3, H, W); cast to the model's dtype, which is the compute dtype.
+        layer: explain the tokens after block ``layer`` (1..L, negative from the end).
+        scalar: ``"sum"`` (ULTra_S), ``"energy"`` (ULTra_E), ``"norm"``, ``"learned"`` (ULTra_W, with
+            ``weights``) or a callable mapping (..., d) tokens to (...) scalars.
+        targets: ``"patches"``, ``"all"``, ``"prefix"``, token indices (T,) or per image (B, T).
+        order: ``"rollout"`` (latest block leftmost, default) or ``"paper"``.
+        start_block: first block whose attention contributes (1-based).
+        size: None (patch grid), ``"input"``, an int or (H, W) to upsample to.
+        self_max: replace a patch target's own entry by the max of the others.
+        backend: ``"auto"`` (native ops when built), ``"native"`` or ``"torch"``.
+        memory_budget: bytes one chunk of targets may use in the backward; default: see
+            ``options.default_memory_budget``. Smaller budgets only mean more chunks, same maps.
+
+    Returns:
+        (B, T, h, w) maps, or (B, T, *size) when ``size`` is given.
+    """
+    adapter = wrap(model)
+    adapter.check_images(images)
+    images = images.to(device=adapter.device, dtype=adapter.dtype)
+    l = resolve_layer(layer, adapter.num_blocks)
+    s = resolve_start(start_block, l)
+    check_order(order)
+    out_size = resolve_size(size, images)
+    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
+    grid = adapter.grid_size(images)
+    P = adapter.num_prefix_tokens
+    N = P + grid[0] * grid[1]
+    B = images.shape[0]
+    idx = resolve_targets(targets, B, N, P, images.device)
+    if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
+        raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
+    ops = get_ops(backend, images.device, adapter.dtype)
+
+    with eval_mode(adapter):
+        z, saved = forward_saving_inputs(adapter, images, l, s)
+        rows = token_cotangents(fn, z)
+        T = idx.shape[1]
+        per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim,
+                                      images.element_size(), order)
+        step = chunk_size(memory_budget, per_target, T, images.device)
+        out = images.new_empty(B, T, N)
+        for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):
+            out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops)
+    maps = finalize(out, idx, P, grid, self_max)
+    return upsample(maps, out_size, interpolation)

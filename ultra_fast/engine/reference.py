@@ -1,0 +1,111 @@
+"""Slow references: the oracles of the tests and the baselines of the benchmarks.
+
+- ``explain_naive``: SPEC §2 literally. One forward with every attention map kept in the graph,
+  then one ``autograd.grad`` per (image, target) for all blocks, and dense (N, N) matrices chained.
+- ``explain_authors``: the authors' notebook algorithm: for every token a fresh forward pass of
+  its image and one ``autograd.grad`` call per block.
+Both share the validation and post-processing of the fast engine and nothing of its arithmetic.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import Adapter, wrap
+from .maps import Size, finalize, resolve_size, upsample
+from .options import check_order, eval_mode, resolve_layer, resolve_start
+from .scalars import ScalarFn, resolve_scalar
+from .targets import Targets, resolve_targets
+
+
+def dense_C(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """C = I + mean_h(relu(G_h) ⊙ A_h) for one image: G, A (H, N, N) -> (N, N)."""
+    N = A.shape[-1]
+    return torch.eye(N, dtype=A.dtype, device=A.device) + (G.clamp(min=0) * A).mean(0)
+
+
+def chain(Cs: List[torch.Tensor], order: str) -> torch.Tensor:
+    """S̄ from the per-block matrices [C^(s), ..., C^(l)]."""
+    S = torch.eye(Cs[0].shape[-1], dtype=Cs[0].dtype, device=Cs[0].device)
+    for C in Cs:  # earliest block first
+        S = C @ S if order == "rollout" else S @ C
+    return S
+
+
+def _forward_with_attention(adapter: Adapter, images: torch.Tensor, layer: int):
+    z = adapter.embed(images)
+    attns = []
+    for b in range(layer):
+        z, a = adapter.block(b, z)
+        attns.append(a)
+    return z, attns
+
+
+def _prepare(model, images, layer, scalar, targets, order, start_block, size, weights):
+    adapter = wrap(model)
+    adapter.check_images(images)
+    images = images.to(device=adapter.device, dtype=adapter.dtype)
+    l = resolve_layer(layer, adapter.num_blocks)
+    s = resolve_start(start_block, l)
+    check_order(order)
+    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
+    grid = adapter.grid_size(images)
+    N = adapter.num_prefix_tokens + grid[0] * grid[1]
+    idx = resolve_targets(targets, images.shape[0], N, adapter.num_prefix_tokens, images.device)
+    return adapter, images, l, s, fn, grid, idx
+
+
+def explain_naive(model: Union[nn.Module, Adapter], images: torch.Tensor, layer: int = -1,
+                  scalar: Union[str, ScalarFn] = "sum", targets: Targets = "patches", order: str = "rollout",
+                  start_block: int = 1, size: Size = None, interpolation: str = "bilinear",
+                  self_max: bool = True, weights: Optional[torch.Tensor] = None,
+                  progress: bool = False) -> torch.Tensor:
+    """One backward pass per target token; same arguments and output as ``explain``."""
+    adapter, images, l, s, fn, grid, idx = _prepare(model, images, layer, scalar, targets, order,
+                                                    start_block, size, weights)
+    B, T = idx.shape
+    rows = []
+    with eval_mode(adapter), torch.enable_grad():
+        z, attns = _forward_with_attention(adapter, images, l)
+        F = fn(z)
+        used = attns[s - 1:l]
+        for b in tqdm(range(B), desc="images", disable=not progress):
+            for t in range(T):
+                i = int(idx[b, t])
+                Gs = torch.autograd.grad(F[b, i], used, retain_graph=True, allow_unused=True)
+                Cs = [dense_C(torch.zeros_like(A[b]) if G is None else G[b], A[b].detach())
+                      for G, A in zip(Gs, used)]
+                rows.append(chain(Cs, order)[i])
+    out = torch.stack(rows).reshape(B, T, -1)
+    maps = finalize(out, idx, adapter.num_prefix_tokens, grid, self_max)
+    return upsample(maps, resolve_size(size, images), interpolation)
+
+
+def explain_authors(model: Union[nn.Module, Adapter], images: torch.Tensor, layer: int = -1,
+                    scalar: Union[str, ScalarFn] = "sum", targets: Targets = "patches",
+                    order: str = "rollout", start_block: int = 1, size: Size = None,
+                    interpolation: str = "bilinear", self_max: bool = True,
+                    weights: Optional[torch.Tensor] = None, progress: bool = False) -> torch.Tensor:
+    """The authors' algorithm: per token, a forward pass plus one ``autograd.grad`` per block."""
+    adapter, images, l, s, fn, grid, idx = _prepare(model, images, layer, scalar, targets, order,
+                                                    start_block, size, weights)
+    B, T = idx.shape
+    rows = []
+    with eval_mode(adapter), torch.enable_grad():
+        for b in tqdm(range(B), desc="images", disable=not progress):
+            for t in range(T):
+                i = int(idx[b, t])
+                z, attns = _forward_with_attention(adapter, images[b:b + 1], l)
+                F = fn(z)[0, i]
+                Cs = []
+                for A in attns[s - 1:l]:
+                    (G,) = torch.autograd.grad(F, A, retain_graph=True, allow_unused=True)
+                    G = torch.zeros_like(A) if G is None else G
+                    Cs.append(dense_C(G[0], A[0].detach()))
+                rows.append(chain(Cs, order)[i])
+    out = torch.stack(rows).reshape(B, T, -1)
+    maps = finalize(out, idx, adapter.num_prefix_tokens, grid, self_max)
+    return upsample(maps, resolve_size(size, images), interpolation)

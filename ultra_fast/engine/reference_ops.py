@@ -1,0 +1,27 @@
+"""Pure-PyTorch reference implementations of the three native ops.
+
+These are the oracles the C++/CUDA kernels are tested against, and the ``backend="torch"`` path
+of the engine. Layouts (B images, T targets, H heads, N tokens):
+
+- ``A``: (B, H, N, N) attention probabilities of one block.
+- ``G``: (B, T, H, N, N) gradients dF_t/dA of the same block, one per target.
+- ``v``: (B, T, N) rollout row vectors; ``P``: (B, T, N, N) paper-order running products.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def contribution(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``mean_h(relu(G_h) * A_h)`` -> (B, T, N, N). The clamp is per head, before the mean."""
+    return (G.clamp(min=0) * A.unsqueeze(1)).mean(dim=2)
+
+
+def rollout_step(v: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``v + v @ contribution(G, A)``: one block of the rollout-order chain, streamed as rows."""
+    return v + torch.einsum("btn,btnm->btm", v, contribution(G, A))
+
+
+def paper_step(P: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``(I + contribution(G, A)) @ P``: one block of the paper-order chain (earliest block leftmost)."""
+    return P + contribution(G, A) @ P

@@ -1,0 +1,7 @@
+"""Model adapters: the one protocol the engine talks to, and how models are created and wrapped."""
+from .base import Adapter, Preprocessing, UnsupportedModelError
+from .factory import OFFLINE_MODELS, create_model, wrap
+from .preprocess import load_images, preprocess
+
+__all__ = ["Adapter", "Preprocessing", "UnsupportedModelError", "OFFLINE_MODELS", "create_model", "wrap",
+           "load_images", "preprocess"]

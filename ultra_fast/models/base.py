@@ -1,0 +1,118 @@
+"""The protocol the engine talks to: a transformer as embed -> blocks, attention probabilities exposed.
+
+An adapter never patches or hooks the wrapped model. It calls the model's own sub-modules in the
+model's own order and computes each block's attention explicitly from the module's parameters,
+so that the softmax probabilities ``A^(b)`` are ordinary tensors in the autograd graph. The user's
+model is therefore never modified; adapters are verified against the unmodified model's outputs.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model's architecture is not one an adapter knows; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the model wants its pixels: resize policy, normalisation and patch size."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    input_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    interpolation: str = "bicubic"
+
+
+class Adapter(nn.Module, abc.ABC):
+    """A transformer seen as ``z0 = embed(x)``, ``z_b = block(b, z_{b-1})``.
+
+    Attributes the engine relies on: ``num_blocks`` (L), ``num_heads`` (H), ``num_prefix_tokens``
+    (P: CLS and registers, first in the sequence), ``embed_dim`` (d).
+    """
+
+    num_blocks: int
+    num_heads: int
+    num_prefix_tokens: int
+    embed_dim: int
+    name: str = "model"
+
+    @abc.abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> z^(0) of shape (B, N, d)."""
+
+    @abc.abstractmethod
+    def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run block ``index`` (0-based) on (B, N, d); return (output, attention probabilities (B, H, N, N))."""
+
+    @abc.abstractmethod
+    def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid (h, w) the images produce."""
+
+    @abc.abstractmethod
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """What the unmodified model returns from the last block's tokens (used to verify the adapter)."""
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.embed(images)
+        for b in range(self.num_blocks):
+            z, _ = self.block(b, z)
+        return self.head(z)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear error for inputs the model cannot take."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W); got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating tensor (preprocessed); got dtype {images.dtype}")
+        ph, pw = self.preprocessing.patch_size
+        if images.shape[-2] < ph or images.shape[-1] < pw:
+            raise ValueError(
+                f"images of size {tuple(images.shape[-2:])} are smaller than one {ph}x{pw} patch of {self.name}")
+
+
+def explicit_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: Optional[torch.Tensor],
+    num_heads: int,
+    scale: float,
+    q_norm: Optional[nn.Module] = None,
+    k_norm: Optional[nn.Module] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head self-attention with the probabilities returned.
+
+    Returns (per-head outputs merged to (B, N, H*dh) before the output projection, A (B, H, N, N)).
+    """
+    B, N, _ = x.shape
+    qkv = nn.functional.linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    attn = scores.softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(B, N, -1)
+    return out, attn

@@ -1,0 +1,98 @@
+"""Adapter for timm ``VisionTransformer`` models: CLIP, DINO, DINOv2 (with and without registers), DeiT..."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ._common import patch_grid, resample_pos_embed
+from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
+_ATTN_PARTS = ("qkv", "num_heads", "scale", "q_norm", "k_norm", "proj")
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+class TimmViTAdapter(Adapter):
+    """Runs a timm ``VisionTransformer`` block by block with explicit attention probabilities.
+
+    Any input size the patch embedding tiles is accepted, non-square included: the absolute
+    position embedding is resampled the way timm's ``dynamic_img_size`` does it.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not is_timm_vit(model):
+            raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+        for i, blk in enumerate(model.blocks):
+            missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
+            missing += [f"attn.{p}" for p in _ATTN_PARTS if not hasattr(getattr(blk, "attn", None), p)]
+            if missing:
+                raise UnsupportedModelError(
+                    f"timm block {i} ({type(blk).__name__}) lacks {', '.join(missing)}: only pre-norm "
+                    f"ViT blocks with a fused qkv projection are supported")
+            if getattr(blk.attn, "gate", None) is not None:
+                raise UnsupportedModelError(f"timm block {i}: gated attention is not supported")
+        if model.pos_embed is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no absolute position embedding (RoPE ViTs are not supported)")
+        if not isinstance(model.patch_embed.proj, nn.Conv2d):
+            raise UnsupportedModelError("timm patch embedding without a Conv2d projection is not supported")
+        self.model = model
+        self.num_blocks = len(model.blocks)
+        self.num_heads = model.blocks[0].attn.num_heads
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.embed_dim = model.embed_dim
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.name = getattr(model, "ultra_fast_name", None) or cfg.get("architecture") or type(model).__name__
+        if cfg.get("tag"):
+            self.name = f"{self.name}.{cfg['tag']}"
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        from timm.data import resolve_data_config
+        cfg = resolve_data_config({}, model=self.model)
+        return Preprocessing(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                             input_size=tuple(cfg["input_size"][-2:]),
+                             patch_size=tuple(self.model.patch_embed.patch_size),
+                             interpolation=cfg.get("interpolation", "bicubic"))
+
+    def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
+        return patch_grid(images, tuple(self.model.patch_embed.patch_size), self.name)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m, pe = self.model, self.model.patch_embed
+        grid = self.grid_size(images)
+        x = pe.proj(images).flatten(2).transpose(1, 2)
+        x = pe.norm(x)
+        pos = resample_pos_embed(m.pos_embed, grid, tuple(pe.grid_size),
+                                 0 if m.no_embed_class else m.num_prefix_tokens)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        # Same order as timm's VisionTransformer._pos_embed.
+        if m.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return m.norm_pre(x)
+
+    def block(self, index: int, x: torch.Tensor):
+        blk = self.model.blocks[index]
+        at = blk.attn
+        h = blk.norm1(x)
+        out, attn = explicit_attention(h, at.qkv.weight, at.qkv.bias, at.num_heads, at.scale,
+                                       at.q_norm, at.k_norm)
+        out = at.proj(getattr(at, "norm", nn.Identity())(out))
+        x = x + blk.ls1(out)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return x, attn
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(z))
