@@ -1,0 +1,4 @@
+"""The ``ultra-fast`` command."""
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,27 @@
+"""``ultra-fast <subcommand>``: argument parsing and dispatch; each subcommand lives in its own module."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import explain_cmd
+
+SUBCOMMANDS = {"explain": explain_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultra-fast", description="Exact ULTra explanation maps, fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in SUBCOMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args) or 0
+    except (ValueError, FileNotFoundError, OSError, TypeError, ImportError) as e:
+        print(f"ultra-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
