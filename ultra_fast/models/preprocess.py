@@ -45,7 +45,8 @@ def target_size(image_size: Tuple[int, int], size: Size, cfg: Preprocessing) -> 
         h, w = ih * scale, iw * scale
     else:
         h, w = size
-    return max(ph, int(round(h / ph)) * ph), max(pw, int(round(w / pw)) * pw)
+    # Half-up rounding to the nearest patch multiple (round() would round halves to even).
+    return max(ph, int(h / ph + 0.5) * ph), max(pw, int(w / pw + 0.5) * pw)
 
 
 def preprocess(images: Union[Image.Image, Sequence[Image.Image]], cfg: Preprocessing,
