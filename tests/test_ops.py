@@ -12,9 +12,14 @@ from ultra_fast.engine import reference_ops as ref
 needs_native = pytest.mark.skipif(
     not ops.is_available("cpu"),
     reason="ultra_fast._C not built (pip install --no-build-isolation -e .)")
-needs_cuda = pytest.mark.skipif(
+_cuda_skip = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.is_available("cuda")),
     reason="needs a CUDA device and the extension built with CUDA kernels")
+
+
+def needs_cuda(test):
+    return pytest.mark.cuda(_cuda_skip(test))
+
 
 OPS = ("contribution", "rollout_step", "paper_step")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -63,6 +63,11 @@ class Adapter(nn.Module, abc.ABC):
     def preprocessing(self) -> Preprocessing:
         raise NotImplementedError
 
+    def preprocess(self, images, size=None) -> torch.Tensor:
+        """PIL image(s) -> the normalised (B, 3, h, w) tensor this model expects (see ``models.preprocess``)."""
+        from .preprocess import preprocess
+        return preprocess(images, self.preprocessing, size=size).to(device=self.device, dtype=self.dtype)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -1,0 +1,219 @@
+// CUDA kernels of the ultra_fast ops (float32, float16, bfloat16, float64), accumulating in
+// float32 (float64 for float64 inputs). Everything runs on the current stream, with no host
+// synchronisation. Like the CPU kernels, G is read in place through its strides; only its
+// last dimension must be unit-stride. Only c10/cuda headers are used (not
+// ATen/cuda/CUDAContext.h), so the build needs no cuBLAS/cuSPARSE development headers; the
+// GEMM of paper_step goes through at::baddbmm.
+#include "../ultra_fast.h"
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace ultra_fast {
+
+std::string cuda_build_info() {
+  std::ostringstream s;
+  s << "cuda_version=" << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10;
+  return s.str();
+}
+
+namespace {
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t relu(acc_t g) {
+  return g < acc_t(0) ? acc_t(0) : g;
+}
+
+// ---------------------------------------------------------------------------------------
+// contribution: one thread per output element (b, t, n, m), m fastest (coalesced reads of G
+// and A rows); the loop over heads accumulates in acc_t. Output: contiguous (B, T, N, N) of
+// out_t (scalar_t for the op itself, acc_t for the paper-step intermediate).
+template <typename scalar_t, typename acc_t, typename out_t>
+__global__ void contribution_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ A,
+                                    out_t* __restrict__ out, int64_t total, int64_t T, int64_t H,
+                                    int64_t N, int64_t sGb, int64_t sGt, int64_t sGh,
+                                    int64_t sGn, int64_t sAb, int64_t sAh, int64_t sAn) {
+  const acc_t inv_h = acc_t(1) / static_cast<acc_t>(H);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i % N;
+    const int64_t n = (i / N) % N;
+    const int64_t t = (i / (N * N)) % T;
+    const int64_t b = i / (N * N * T);
+    const scalar_t* g = G + b * sGb + t * sGt + n * sGn + m;
+    const scalar_t* a = A + b * sAb + n * sAn + m;
+    acc_t acc = 0;
+    for (int64_t h = 0; h < H; ++h) {
+      acc += relu(static_cast<acc_t>(g[h * sGh])) * static_cast<acc_t>(a[h * sAh]);
+    }
+    out[i] = static_cast<out_t>(acc * inv_h);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// rollout_step: out[b, t, m] = v[b, t, m] + (1/H) sum_{h, n} v[b, t, n] relu(G[b,t,h,n,m]) A[b,h,n,m]
+// One block per (b, t, tile of kTileM columns). Thread (tx, ty): column m = tile*kTileM + tx,
+// rows n = ty, ty + kRows, ... of every head h; a warp reads kTileM consecutive
+// elements of one row (coalesced); partial sums are reduced over ty in shared memory.
+constexpr int kTileM = 32;
+constexpr int kRows = 8;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kTileM* kRows)
+    rollout_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ G,
+                   const scalar_t* __restrict__ A, scalar_t* __restrict__ out, int64_t T,
+                   int64_t H, int64_t N, int64_t m_tiles, int64_t svb, int64_t svt, int64_t svn,
+                   int64_t sGb, int64_t sGt, int64_t sGh, int64_t sGn, int64_t sAb, int64_t sAh,
+                   int64_t sAn) {
+  __shared__ acc_t partial[kRows][kTileM + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t tile = blockIdx.x % m_tiles;
+  const int64_t bt = blockIdx.x / m_tiles;  // b * T + t
+  const int64_t b = bt / T, t = bt % T;
+  const int64_t m = tile * kTileM + tx;
+  const bool active = m < N;
+
+  const scalar_t* vrow = v + b * svb + t * svt;
+  const scalar_t* Gbt = G + b * sGb + t * sGt;
+  const scalar_t* Ab = A + b * sAb;
+
+  acc_t acc = 0;
+  if (active) {
+    for (int64_t h = 0; h < H; ++h) {
+      const scalar_t* Gh = Gbt + h * sGh + m;
+      const scalar_t* Ah = Ab + h * sAh + m;
+      for (int64_t n = ty; n < N; n += kRows) {
+        const acc_t w = static_cast<acc_t>(vrow[n * svn]);  // the same for the whole warp
+        if (w == acc_t(0)) continue;  // v starts one-hot: skip rows that cannot contribute
+        acc += w * relu(static_cast<acc_t>(Gh[n * sGn])) * static_cast<acc_t>(Ah[n * sAn]);
+      }
+    }
+  }
+  partial[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && active) {
+    acc_t sum = 0;
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) sum += partial[k][tx];
+    const acc_t vm = static_cast<acc_t>(vrow[m * svn]);
+    out[bt * N + m] = static_cast<scalar_t>(vm + sum / static_cast<acc_t>(H));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+
+void check_cuda_inputs(const char* op, const at::Tensor& G) {
+  TORCH_CHECK(G.is_cuda(), op, ": expected CUDA tensors; got G on ", G.device());
+  const auto st = G.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              op, ": the CUDA kernels support float32, float16, bfloat16 and float64; got ", st);
+}
+
+int64_t grid_for(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  // A grid-stride loop covers the rest; cap well below the 2^31-1 limit.
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 20));
+}
+
+// contribution(G, A) into out (contiguous (B, T, N, N), dtype scalar_t or its acc type).
+void launch_contribution(const at::Tensor& G, const at::Tensor& A, const Dims& d,
+                         at::Tensor& out) {
+  const int64_t total = out.numel();
+  if (total == 0) return;
+  constexpr int threads = 256;
+  const int64_t blocks = grid_for(total, threads);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, G.scalar_type(), "ultra_fast::contribution (CUDA)", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const scalar_t* Gp = G.const_data_ptr<scalar_t>();
+        const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+        if (out.scalar_type() == G.scalar_type()) {
+          contribution_kernel<scalar_t, acc_t, scalar_t><<<blocks, threads, 0, stream>>>(
+              Gp, Ap, out.mutable_data_ptr<scalar_t>(), total, d.T, d.H, d.N, G.stride(0),
+              G.stride(1), G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+        } else {
+          TORCH_INTERNAL_ASSERT(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+          contribution_kernel<scalar_t, acc_t, acc_t><<<blocks, threads, 0, stream>>>(
+              Gp, Ap, out.mutable_data_ptr<acc_t>(), total, d.T, d.H, d.N, G.stride(0),
+              G.stride(1), G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+at::Tensor contribution_cuda(const at::Tensor& G_, const at::Tensor& A_) {
+  const char* op = "contribution";
+  const Dims d = check_GA(op, G_, A_);
+  check_cuda_inputs(op, G_);
+  const c10::cuda::CUDAGuard guard(G_.device());
+  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
+  at::Tensor out = at::empty({d.B, d.T, d.N, d.N}, G.options());
+  launch_contribution(G, A, d, out);
+  return out;
+}
+
+at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at::Tensor& A_) {
+  const char* op = "rollout_step";
+  const Dims d = check_GA(op, G_, A_);
+  check_v(op, v, G_, d);
+  check_cuda_inputs(op, G_);
+  const c10::cuda::CUDAGuard guard(G_.device());
+  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
+  at::Tensor out = at::empty({d.B, d.T, d.N}, v.options());
+  if (out.numel() == 0) return out;
+  const int64_t m_tiles = (d.N + kTileM - 1) / kTileM;
+  const int64_t blocks = d.B * d.T * m_tiles;
+  TORCH_CHECK(blocks <= int64_t(0x7fffffff), op, ": too many targets for one launch (B*T = ",
+              d.B * d.T, "); split the targets into chunks");
+  const dim3 threads(kTileM, kRows);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, G.scalar_type(), "ultra_fast::rollout_step (CUDA)", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        rollout_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), threads, 0,
+                                          stream>>>(
+            v.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
+            A.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), d.T, d.H, d.N,
+            m_tiles, v.stride(0), v.stride(1), v.stride(2), G.stride(0), G.stride(1),
+            G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return out;
+}
+
+at::Tensor paper_step_cuda(const at::Tensor& P, const at::Tensor& G_, const at::Tensor& A_) {
+  const char* op = "paper_step";
+  const Dims d = check_GA(op, G_, A_);
+  check_P(op, P, G_, d);
+  check_cuda_inputs(op, G_);
+  const c10::cuda::CUDAGuard guard(G_.device());
+  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
+  // Head-fused contribution in the accumulation type, then one batched GEMM (cuBLAS, current
+  // stream) in that type: out = P + C @ P, rounded to the input dtype once at the end.
+  const at::ScalarType acc_st = at::toAccumulateType(G.scalar_type(), /*is_cuda=*/true);
+  at::Tensor C = at::empty({d.B * d.T, d.N, d.N}, G.options().dtype(acc_st));
+  launch_contribution(G, A, d, C);
+  if (C.numel() == 0) return at::empty({d.B, d.T, d.N, d.N}, P.options());
+  const at::Tensor P3 = P.reshape({d.B * d.T, d.N, d.N}).to(acc_st);
+  return at::baddbmm(P3, C, P3).to(P.scalar_type()).view({d.B, d.T, d.N, d.N});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ultra_fast, CUDA, m) {
+  m.impl("contribution", &contribution_cuda);
+  m.impl("rollout_step", &rollout_step_cuda);
+  m.impl("paper_step", &paper_step_cuda);
+}
+
+}  // namespace ultra_fast
