@@ -180,3 +180,40 @@ def test_bad_images_raise_clear_errors():
         explain(model, torch.randn(1, 3, 40, 32, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating"):
         explain(model, torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+@pytest.mark.parametrize("order", ["rollout", "paper"])
+def test_native_backend_matches_torch_backend(model_key, order):
+    from ultra_fast.ops import is_available
+    if not is_available("cpu"):
+        pytest.skip("native ops not built (pip install --no-build-isolation -e .)")
+    model, size = zoo.get(model_key, torch.float32)
+    x = zoo.images(size, dtype=torch.float32)
+    native = explain(model, x, order=order, targets="all", backend="native")
+    torch_ = explain(model, x, order=order, targets="all", backend="torch")
+    assert rel_err(native, torch_) <= 1e-5
+    model64, _ = zoo.get(model_key)
+    ref = explain_naive(model64, x.double(), order=order, targets="all")
+    assert rel_err(native.double(), ref) <= 1e-4
+    assert rel_err(explain(model64, x.double(), order=order, targets="all", backend="native"), ref) <= 1e-9
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+@pytest.mark.parametrize("backward", ["manual", "autograd"])
+def test_both_block_backwards_match_naive(model_key, backward):
+    model, size = zoo.get(model_key)
+    x = zoo.images(size)
+    for kw in (dict(order="paper", start_block=2, layer=-2, targets="all"), dict(order="rollout", layer=1)):
+        fast = explain(model, x, backward=backward, **kw)
+        assert rel_err(fast, explain_naive(model, x, **kw)) <= 1e-9
+
+
+def test_blocks_outside_the_manual_backward_fall_back_to_autograd():
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, qk_norm=True,
+                              num_classes=0).eval().double()
+    x = zoo.images((32, 24))
+    with pytest.raises(ValueError, match="not a plain pre-norm ViT block"):
+        explain(model, x, backward="manual")
+    assert rel_err(explain(model, x), explain_naive(model, x)) <= 1e-9

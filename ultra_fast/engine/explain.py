@@ -9,11 +9,14 @@ from tqdm.auto import tqdm
 
 from ..models import Adapter, wrap
 from .backend import get_ops
+from .block_backward import block_backward, block_backward_one_row, block_forward
 from .maps import Size, finalize, resolve_size, upsample
 from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
                       resolve_start)
 from .scalars import LearnedScalar, ScalarFn, resolve_scalar, token_cotangents
 from .targets import Targets, resolve_targets
+
+BACKWARDS = ("auto", "manual", "autograd")
 
 
 def forward_saving_inputs(adapter: Adapter, images: torch.Tensor, layer: int, start_block: int):
@@ -40,7 +43,37 @@ def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return cot
 
 
-def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops) -> torch.Tensor:
+def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
+              backward: str = "auto"):
+    """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
+
+    ``g`` is a dense (T, B, N, d) tensor, or ``(rows (B, N, d), idx (B, T))`` for the explained block,
+    where target t of image b starts from the single row ``idx[b, t]``.
+    Returns (G (T, B, H, N, N) = dF/dA, A (B, H, N, N), input cotangents or None).
+    """
+    spec = adapter.block_spec(index) if backward in ("auto", "manual") else None
+    if backward == "manual" and spec is None:
+        raise ValueError(f"backward='manual': block {index} of {adapter.name} is not a plain pre-norm ViT block")
+    if spec is not None:
+        A, saved = block_forward(spec, x)
+        if isinstance(g, tuple):
+            rows, idx = g
+            g_row = rows[torch.arange(rows.shape[0], device=idx.device).unsqueeze(0), idx.t()]
+            G, gx = block_backward_one_row(spec, A, saved, g_row, idx)
+        else:
+            G, gx = block_backward(spec, A, saved, g, need_input_grad)
+        return G, A, gx
+    if isinstance(g, tuple):
+        g = seed_cotangents(*g)
+    x = x.detach().requires_grad_(need_input_grad)
+    with torch.enable_grad():
+        out, attn = adapter.block(index, x)
+        wrt = (attn, x) if need_input_grad else (attn,)
+        grads = torch.autograd.grad(out, wrt, grad_outputs=g, is_grads_batched=True)
+    return grads[0], attn.detach(), (grads[1] if need_input_grad else None)
+
+
+def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward) -> torch.Tensor:
     """S̄_i[i, :] for one chunk of targets: (B, T, N)."""
     B, N, _ = rows.shape
     T = idx.shape[1]
@@ -49,23 +82,14 @@ def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops) -
         state = eye_rows
     else:
         state = torch.eye(N, dtype=rows.dtype, device=rows.device).expand(B, T, N, N).contiguous()
-    g = seed_cotangents(rows, idx)
+    g = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
     first = start_block - 1
     for k in range(len(saved) - 1, -1, -1):
-        needs_input_grad = k > 0
-        x = saved[k].detach().requires_grad_(needs_input_grad)
-        with torch.enable_grad():
-            out, attn = adapter.block(first + k, x)
-            wrt = (attn, x) if needs_input_grad else (attn,)
-            grads = torch.autograd.grad(out, wrt, grad_outputs=g, is_grads_batched=True)
-        G = grads[0].transpose(0, 1)  # (B, T, H, N, N) view; the native ops take the strides as they are
-        A = attn.detach()
-        if order == "rollout":
-            state = ops.rollout_step(state, G, A)
-        else:
-            state = ops.paper_step(state, G, A)
-        g = grads[1] if needs_input_grad else None
-        del grads, G, out, attn  # the block's gradients are consumed: free them before the next block
+        need_input_grad = k > 0
+        G, A, g = block_vjp(adapter, first + k, saved[k], g, need_input_grad, backward)
+        G = G.transpose(0, 1)  # (B, T, H, N, N) view; the native ops take the strides as they are
+        state = ops.rollout_step(state, G, A) if order == "rollout" else ops.paper_step(state, G, A)
+        del G, A  # the block's gradients are consumed: free them before the next block
     if order == "rollout":
         return state
     return torch.einsum("btn,btnm->btm", eye_rows, state)
@@ -84,6 +108,7 @@ def explain(
     self_max: bool = True,
     weights: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    backward: str = "auto",
     memory_budget: Optional[int] = None,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -101,6 +126,9 @@ def explain(
         size: None (patch grid), ``"input"``, an int or (H, W) to upsample to.
         self_max: replace a patch target's own entry by the max of the others.
         backend: ``"auto"`` (native ops when built), ``"native"`` or ``"torch"``.
+        backward: how each block's batched VJP is computed: ``"manual"`` (hand-written, for plain
+            pre-norm ViT blocks), ``"autograd"`` (``autograd.grad(is_grads_batched=True)``, any block),
+            or ``"auto"`` (manual where the block allows it).
         memory_budget: bytes one chunk of targets may use in the backward; default: see
             ``options.default_memory_budget``. Smaller budgets only mean more chunks, same maps.
 
@@ -123,6 +151,8 @@ def explain(
     if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
         raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
     ops = get_ops(backend, images.device, adapter.dtype)
+    if backward not in BACKWARDS:
+        raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
 
     with eval_mode(adapter):
         z, saved = forward_saving_inputs(adapter, images, l, s)
@@ -133,6 +163,7 @@ def explain(
         step = chunk_size(memory_budget, per_target, T, images.device)
         out = images.new_empty(B, T, N)
         for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):
-            out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops)
+            out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops,
+                                               backward)
     maps = finalize(out, idx, P, grid, self_max)
     return upsample(maps, out_size, interpolation)

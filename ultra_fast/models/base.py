@@ -51,6 +51,10 @@ class Adapter(nn.Module, abc.ABC):
     def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run block ``index`` (0-based) on (B, N, d); return (output, attention probabilities (B, H, N, N))."""
 
+    def block_spec(self, index: int):
+        """The block as a ``PreNormBlock`` for the hand-written batched backward, or None (use autograd)."""
+        return None
+
     @abc.abstractmethod
     def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
         """The patch grid (h, w) the images produce."""
@@ -94,6 +98,14 @@ class Adapter(nn.Module, abc.ABC):
         if images.shape[-2] < ph or images.shape[-1] < pw:
             raise ValueError(
                 f"images of size {tuple(images.shape[-2:])} are smaller than one {ph}x{pw} patch of {self.name}")
+
+
+def layer_scale(module: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
+    """(understood, gamma) for a LayerScale-or-Identity module."""
+    if isinstance(module, nn.Identity):
+        return True, None
+    gamma = getattr(module, "gamma", None)
+    return isinstance(gamma, torch.Tensor), gamma
 
 
 def explicit_attention(

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ._common import patch_grid, resample_pos_embed
-from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention
+from ..engine.block_backward import PreNormBlock
+from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
 
 
 def _visual_tower(model: nn.Module):
@@ -87,6 +88,20 @@ class OpenClipViTAdapter(Adapter):
         x = x + blk.ls_1(mha.out_proj(out))
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         return x, attn
+
+    def block_spec(self, index: int):
+        blk = self.visual.transformer.resblocks[index]
+        mha, mlp = blk.attn, blk.mlp
+        ok1, ls1 = layer_scale(blk.ls_1)
+        ok2, ls2 = layer_scale(blk.ls_2)
+        if not (ok1 and ok2 and all(isinstance(n, nn.LayerNorm) for n in (blk.ln_1, blk.ln_2))
+                and all(hasattr(mlp, n) for n in ("c_fc", "gelu", "c_proj")) and len(mlp) == 3):
+            return None
+        return PreNormBlock(
+            blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps, mha.in_proj_weight, mha.in_proj_bias, mha.num_heads,
+            (mha.embed_dim // mha.num_heads) ** -0.5, mha.out_proj.weight, mha.out_proj.bias, ls1,
+            blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps, mlp.c_fc.weight, mlp.c_fc.bias, mlp.gelu,
+            mlp.c_proj.weight, mlp.c_proj.bias, ls2)
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(z)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ._common import patch_grid, resample_pos_embed
-from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention
+from ..engine.block_backward import PreNormBlock
+from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
 _ATTN_PARTS = ("qkv", "num_heads", "scale", "q_norm", "k_norm", "proj")
@@ -96,3 +97,19 @@ class TimmViTAdapter(Adapter):
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.norm(z))
+
+    def block_spec(self, index: int):
+        blk = self.model.blocks[index]
+        at, mlp = blk.attn, blk.mlp
+        ok1, ls1 = layer_scale(blk.ls1)
+        ok2, ls2 = layer_scale(blk.ls2)
+        plain = all(isinstance(getattr(at, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+        plain &= all(type(n) is nn.LayerNorm or type(n).__name__ == "LayerNorm" for n in (blk.norm1, blk.norm2))
+        plain &= all(hasattr(mlp, n) for n in ("fc1", "act", "fc2"))
+        plain &= isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+        if not (ok1 and ok2 and plain and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+            return None
+        return PreNormBlock(
+            blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, at.qkv.weight, at.qkv.bias, at.num_heads, at.scale,
+            at.proj.weight, at.proj.bias, ls1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps,
+            mlp.fc1.weight, mlp.fc1.bias, mlp.act, mlp.fc2.weight, mlp.fc2.bias, ls2)
