@@ -47,3 +47,14 @@ def test_all_patch_tokens(benchmark, geometry, impl):
     rounds = 2 if impl == "authors" else 5
     maps = benchmark.pedantic(IMPLS[impl], args=(m, x), rounds=rounds, iterations=1, warmup_rounds=1)
     assert maps.shape[1] == (size // 32) ** 2
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_backends_clip_b16(benchmark, backend):
+    """Native vs pure-torch chain ops inside the engine, where the ops matter more (N=197)."""
+    if backend == "native" and not is_available("cpu"):
+        pytest.skip("native ops not built")
+    m, x = model("vit_base_patch16_clip_224"), images(224)
+    benchmark.group = "explain all patch tokens: clip_b16_224 fp32 cpu, chain backend"
+    maps = benchmark.pedantic(lambda: explain(m, x, backend=backend), rounds=2, iterations=1, warmup_rounds=1)
+    assert maps.shape[1] == 196
