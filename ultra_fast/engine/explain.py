@@ -138,32 +138,41 @@ def explain(
     adapter = wrap(model)
     adapter.check_images(images)
     images = images.to(device=adapter.device, dtype=adapter.dtype)
+    out_size = resolve_size(size, images)
+    grid = adapter.grid_size(images)
+    rows, idx = explain_rows(adapter, images, layer=layer, scalar=scalar, targets=targets, order=order,
+                             start_block=start_block, weights=weights, backend=backend, backward=backward,
+                             memory_budget=memory_budget, progress=progress)
+    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, self_max)
+    return upsample(maps, out_size, interpolation)
+
+
+def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
+                 targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
+                 weights: Optional[torch.Tensor] = None, backend: str = "auto", backward: str = "auto",
+                 memory_budget: Optional[int] = None, progress: bool = False):
+    """The modality-free core of ``explain``: rows S̄_i[i, :] (B, T, N) over all N tokens, and the
+    (B, T) target indices. ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
     l = resolve_layer(layer, adapter.num_blocks)
     s = resolve_start(start_block, l)
     check_order(order)
-    out_size = resolve_size(size, images)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
-    grid = adapter.grid_size(images)
-    P = adapter.num_prefix_tokens
-    N = P + grid[0] * grid[1]
-    B = images.shape[0]
-    idx = resolve_targets(targets, B, N, P, images.device)
-    if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
-        raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
-    ops = get_ops(backend, images.device, adapter.dtype)
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
-
+    P = adapter.num_prefix_tokens
+    fn = resolve_scalar(scalar, weights, P)
     with eval_mode(adapter):
-        z, saved = forward_saving_inputs(adapter, images, l, s)
+        z, saved = forward_saving_inputs(adapter, inputs, l, s)
+        B, N, _ = z.shape
+        idx = resolve_targets(targets, B, N, P, z.device)
+        if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
+            raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
+        ops = get_ops(backend, z.device, z.dtype)
         rows = token_cotangents(fn, z)
         T = idx.shape[1]
-        per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim,
-                                      images.element_size(), order)
-        step = chunk_size(memory_budget, per_target, T, images.device)
-        out = images.new_empty(B, T, N)
+        per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim, z.element_size(), order)
+        step = chunk_size(memory_budget, per_target, T, z.device)
+        out = z.new_empty(B, T, N)
         for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):
             out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops,
                                                backward)
-    maps = finalize(out, idx, P, grid, self_max)
-    return upsample(maps, out_size, interpolation)
+    return out, idx
