@@ -1,0 +1,110 @@
+"""``ultra-fast segment``: zero-shot segmentation of many images (folders, globs, lists), resumable, shardable."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .common import add_method_args, add_model_args, load_model
+
+DEFAULT_SIZE = 224
+
+EPILOG = """\
+outputs (per image, <name> = its path relative to the folder/glob/list it came from, '/' -> '__'):
+  DIR/labels/<name>.png    palette PNG, pixel value = segment id, at the image's own resolution
+  DIR/overlays/<name>.png  the image tinted by segment
+  DIR/maps/<name>.npz      with --save-maps: token maps, token clusters, linkage
+  DIR/manifest.jsonl       one line per input (status ok|error, outputs, num_segments, seconds)
+A restart with the same DIR skips finished images (resume); unreadable files are reported and skipped.
+Many processes: torchrun --nproc_per_node=K -m ultra_fast segment ... (rank r takes inputs r::K).
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("segment", help="zero-shot segmentation of images, folders, globs or .txt lists",
+                       description="Cluster the ULTra maps of all patch tokens of each image into segments "
+                                   "(SPEC section 4) and write label PNGs and overlays.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUTS",
+                   help="image files, folders (walked recursively), globs, or .txt files listing paths")
+    p.add_argument("--out", required=True, help="output folder DIR")
+    add_model_args(p)
+    add_method_args(p)
+    p.set_defaults(size=DEFAULT_SIZE)
+    for a in p._actions:  # the shared --size help names 448; segmentation defaults to a cheaper size
+        if a.dest == "size":
+            a.help = (f"shorter image side fed to the model, rounded to the patch size (default: {DEFAULT_SIZE}; "
+                      "cost grows ~ with the square of the number of patches)")
+    add_cluster_args(p)
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="shrink an image whose patch grid would exceed this many patches (extreme aspect "
+                        "ratios; default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward/backward; only images of one input size are batched (default: 1)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (default: 2)")
+    p.add_argument("--save-maps", action="store_true", help="also write DIR/maps/<name>.npz")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="stop after segmenting this many new images (per process); a later run resumes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    from ..segmentation.cluster import LINKAGES, METRICS
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--threshold", type=float, default=None,
+                     help="cut the dendrogram at this distance (0 < threshold <= 2 for cosine; default: 0.4)")
+    cut.add_argument("--n-clusters", type=int, default=None, help="cut into this many clusters instead")
+    p.add_argument("--metric", default="cosine", choices=METRICS)
+    p.add_argument("--linkage", default="average", choices=LINKAGES)
+    p.add_argument("--assign", default="argmax", choices=["argmax", "token"],
+                   help="pixel rule: argmax of the cluster maps (paper) or the cluster of its patch's token")
+
+
+def settings_from_args(args):
+    from ..segmentation.run import SegmentSettings
+    threshold = args.threshold if args.threshold is not None else (None if args.n_clusters is not None else 0.4)
+    s = SegmentSettings(model=args.model, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+                        pretrained=str(args.pretrained), dtype=args.dtype, size=args.size,
+                        max_tokens=getattr(args, "max_tokens", 4096), layer=args.layer, scalar=args.scalar,
+                        order=args.order, start_block=args.start_block, threshold=threshold,
+                        n_clusters=args.n_clusters, metric=args.metric, method=args.linkage, assign=args.assign)
+    s.validate()
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..data import list_inputs
+    from ..segmentation import run as runner
+
+    settings = settings_from_args(args)
+    for name in ("batch_size", "workers"):
+        if getattr(args, name) < (1 if name == "batch_size" else 0):
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is impossible")
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    items = list_inputs(args.inputs, exclude=[out_dir])
+    if not items:
+        raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}")
+    runner.check_no_overwrite(items, out_dir, save_maps=True)
+    rank, world, device = distributed.init(args.device)
+    try:
+        args.device = device
+        runner.check_settings(out_dir, settings, write=rank == 0)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        adapter = load_model(args)
+        t_load = time.perf_counter() - t0
+        summary = runner.run(adapter, items, out_dir, settings, rank=rank, world=world,
+                             batch_size=args.batch_size, workers=args.workers, save_maps=args.save_maps,
+                             max_images=args.max_images, backend=args.backend, progress=not args.no_progress)
+        rate = summary.done / summary.seconds if summary.seconds > 0 and summary.done else 0.0
+        who = f"rank {rank}/{world}: " if world > 1 else ""
+        print(f"{who}{adapter.name}: {summary.done} segmented, {summary.skipped} already done, "
+              f"{summary.errors} errors, of {summary.total} inputs in {summary.seconds:.1f} s "
+              f"({rate:.2f} img/s; model load {t_load:.1f} s) -> {out_dir}", file=sys.stderr)
+    finally:
+        distributed.destroy()
+    return 0
