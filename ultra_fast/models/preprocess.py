@@ -7,7 +7,7 @@ Policy (documented in README): EXIF orientation is applied; grayscale, palette, 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
