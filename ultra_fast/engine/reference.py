@@ -1,6 +1,6 @@
 """Slow references: the oracles of the tests and the baselines of the benchmarks.
 
-- ``explain_naive``: SPEC §2 literally. One forward with every attention map kept in the graph,
+- ``explain_naive`` (on ``naive_rows``, for any adapter): SPEC §2 literally. One forward with every attention map kept in the graph,
   then one ``autograd.grad`` per (image, target) for all blocks, and dense (N, N) matrices chained.
 - ``explain_authors``: the authors' notebook algorithm: for every token a fresh forward pass of
   its image and one ``autograd.grad`` call per block.
@@ -58,29 +58,45 @@ def _prepare(model, images, layer, scalar, targets, order, start_block, size, we
     return adapter, images, l, s, fn, grid, idx
 
 
+def naive_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
+               targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
+               weights: Optional[torch.Tensor] = None, progress: bool = False):
+    """The modality-free core of ``explain_naive`` (as ``explain_rows`` is of ``explain``): rows
+    S̄_i[i, :] (B, T, N) over all N tokens and the (B, T) target indices, one backward per target.
+    ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
+    l = resolve_layer(layer, adapter.num_blocks)
+    s = resolve_start(start_block, l)
+    check_order(order)
+    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
+    rows = []
+    with eval_mode(adapter), torch.enable_grad():
+        z, attns = _forward_with_attention(adapter, inputs, l)
+        F = fn(z)
+        B, N = F.shape
+        idx = resolve_targets(targets, B, N, adapter.num_prefix_tokens, z.device)
+        used = attns[s - 1:l]
+        for b in tqdm(range(B), desc="inputs", disable=not progress):
+            for t in range(idx.shape[1]):
+                i = int(idx[b, t])
+                Gs = torch.autograd.grad(F[b, i], used, retain_graph=True, allow_unused=True)
+                Cs = [dense_C(torch.zeros_like(A[b]) if G is None else G[b], A[b].detach())
+                      for G, A in zip(Gs, used)]
+                rows.append(chain(Cs, order)[i].detach())
+    return torch.stack(rows).reshape(B, idx.shape[1], -1), idx
+
+
 def explain_naive(model: Union[nn.Module, Adapter], images: torch.Tensor, layer: int = -1,
                   scalar: Union[str, ScalarFn] = "sum", targets: Targets = "patches", order: str = "rollout",
                   start_block: int = 1, size: Size = None, interpolation: str = "bilinear",
                   self_max: bool = True, weights: Optional[torch.Tensor] = None,
                   progress: bool = False) -> torch.Tensor:
     """One backward pass per target token; same arguments and output as ``explain``."""
-    adapter, images, l, s, fn, grid, idx = _prepare(model, images, layer, scalar, targets, order,
-                                                    start_block, size, weights)
-    B, T = idx.shape
-    rows = []
-    with eval_mode(adapter), torch.enable_grad():
-        z, attns = _forward_with_attention(adapter, images, l)
-        F = fn(z)
-        used = attns[s - 1:l]
-        for b in tqdm(range(B), desc="images", disable=not progress):
-            for t in range(T):
-                i = int(idx[b, t])
-                Gs = torch.autograd.grad(F[b, i], used, retain_graph=True, allow_unused=True)
-                Cs = [dense_C(torch.zeros_like(A[b]) if G is None else G[b], A[b].detach())
-                      for G, A in zip(Gs, used)]
-                rows.append(chain(Cs, order)[i])
-    out = torch.stack(rows).reshape(B, T, -1)
-    maps = finalize(out, idx, adapter.num_prefix_tokens, grid, self_max)
+    adapter = wrap(model)
+    adapter.check_images(images)
+    images = images.to(device=adapter.device, dtype=adapter.dtype)
+    grid = adapter.grid_size(images)
+    rows, idx = naive_rows(adapter, images, layer, scalar, targets, order, start_block, weights, progress)
+    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, self_max)
     return upsample(maps, resolve_size(size, images), interpolation)
 
 

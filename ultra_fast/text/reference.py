@@ -12,10 +12,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..engine.options import check_order, eval_mode, resolve_layer, resolve_start
-from ..engine.reference import chain, dense_C
-from ..engine.scalars import ScalarFn, resolve_scalar
-from ..engine.targets import Targets, resolve_targets
+from ..engine.reference import naive_rows as _naive_rows
+from ..engine.scalars import ScalarFn
+from ..engine.targets import Targets
 from ..models.base import Adapter
 
 
@@ -24,31 +23,8 @@ def naive_rows(adapter: Union[Adapter, nn.Module], inputs, layer: int = -1,
                start_block: int = 1, weights: Optional[torch.Tensor] = None):
     """Rows S̄_i[i, :] (B, T, N) and the (B, T) target indices, one backward per target.
 
-    Same meaning and output as ``ultra_fast.engine.explain_rows`` (P = 0 is not assumed: rows
-    cover all N tokens, prefix columns included).
+    ``ultra_fast.engine.reference.naive_rows`` for a Hugging Face model (wrapped here) or a text
+    adapter; same meaning and output as ``ultra_fast.engine.explain_rows``.
     """
     from ..models.hf_text import wrap_text
-    adapter = wrap_text(adapter)
-    l = resolve_layer(layer, adapter.num_blocks)
-    s = resolve_start(start_block, l)
-    check_order(order)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
-    rows = []
-    with eval_mode(adapter), torch.enable_grad():
-        z = adapter.embed(inputs)
-        attns = []
-        for b in range(l):
-            z, a = adapter.block(b, z)
-            attns.append(a)
-        F = fn(z)
-        B, N = F.shape
-        idx = resolve_targets(targets, B, N, adapter.num_prefix_tokens, z.device)
-        used = attns[s - 1:l]
-        for b in range(B):
-            for t in range(idx.shape[1]):
-                i = int(idx[b, t])
-                Gs = torch.autograd.grad(F[b, i], used, retain_graph=True, allow_unused=True)
-                Cs = [dense_C(torch.zeros_like(A[b]) if G is None else G[b], A[b].detach())
-                      for G, A in zip(Gs, used)]
-                rows.append(chain(Cs, order)[i].detach())
-    return torch.stack(rows).reshape(B, idx.shape[1], -1), idx
+    return _naive_rows(wrap_text(adapter), inputs, layer, scalar, targets, order, start_block, weights)
