@@ -58,6 +58,12 @@ def _layer_norm_backward(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor
     return rstd * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
 
 
+def _merge_heads(*grads: torch.Tensor) -> torch.Tensor:
+    """(T, B, H, N, dh) gradients of consecutive qkv parts -> (T, B, N, parts*H*dh), the qkv column layout."""
+    T, B, _, N, _ = grads[0].shape
+    return torch.stack(grads, dim=3).permute(0, 1, 4, 3, 2, 5).reshape(T, B, N, -1)
+
+
 def _scaled(g: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
     return g if gamma is None else g * gamma
 
@@ -110,9 +116,8 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
     gq = (gs @ k) * p.scale
     gk = (gs.transpose(-2, -1) @ q) * p.scale
     del gs
-    gqkv = torch.stack((gq, gk, gv), dim=3)  # (T, B, H, 3, N, dh)
+    gqkv = _merge_heads(gq, gk, gv)
     del gq, gk, gv
-    gqkv = gqkv.permute(0, 1, 4, 3, 2, 5).reshape(T, B, N, -1)  # (T, B, N, 3*H*dh) as qkv is laid out
     gh1 = F.linear(gqkv, p.qkv_weight.t())
     del gqkv
     gx = gx1 + _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], p.ln1_weight)
@@ -151,7 +156,7 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     G = g_attn_row.new_zeros(T, B, H, N, N)
     G[ti, bi, :, tok] = g_attn_row
     width = p.qkv_weight.shape[0] // 3  # qkv rows: [q | k | v], each H*dh wide
-    gkv = torch.stack((gk, gv), dim=3).permute(0, 1, 4, 3, 2, 5).reshape(T, B, N, -1)
+    gkv = _merge_heads(gk, gv)
     gh1 = F.linear(gkv, p.qkv_weight[width:].t())
     gh1[ti, bi, tok] += F.linear(gq_row.reshape(T, B, -1), p.qkv_weight[:width].t())
     gx = _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], p.ln1_weight)
