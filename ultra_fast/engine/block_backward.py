@@ -53,9 +53,25 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return xhat * weight + bias, xhat, rstd
 
 
-def _layer_norm_backward(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor):
-    gx = g * weight
-    return rstd * (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True))
+def _layer_norm_backward(gw: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """LayerNorm input cotangent from ``gw`` = output cotangent times the LN weight (callers fold the
+    weight into the preceding matrix product), plus ``residual``; overwrites ``gw``."""
+    m1 = gw.mean(-1, keepdim=True)
+    m2 = (gw * xhat).mean(-1, keepdim=True)
+    out = gw.sub_(m1).addcmul_(xhat.expand_as(gw), m2.expand_as(gw), value=-1).mul_(rstd)
+    return out if residual is None else out.add_(residual)
+
+
+def _fold_columns(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight`` (out, in) with column j times ``scale[j]``: x @ (W * s) == (x @ W) * s, one pass over W
+    instead of one over the (T, B, N, in) activations."""
+    return weight if scale is None else weight * scale
+
+
+def _fold_rows(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight`` (out, in) with row i times ``scale[i]``: (x * s) @ W == x @ (s[:, None] * W)."""
+    return weight if scale is None else weight * scale[:, None]
 
 
 def _merge_heads(*grads: torch.Tensor) -> torch.Tensor:
@@ -87,46 +103,68 @@ def block_forward(p: PreNormBlock, x: torch.Tensor) -> Tuple[torch.Tensor, dict]
     return attn, saved
 
 
+ConsumeG = Callable[[torch.Tensor, torch.Tensor], None]
+
+
 @torch.no_grad()
-def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Tensor,
-                   need_input_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Tensor, consume_G: ConsumeG,
+                   need_input_grad: bool = True) -> Optional[torch.Tensor]:
     """Batched vector-Jacobian product of the block for T cotangents at once.
 
     Args:
         g: (T, B, N, D) cotangents of the block output.
+        consume_G: called once with G (T, B, H, N, N) = dF/dA (a strided view) and A (B, H, N, N);
+            G's memory is reused for the softmax backward afterwards, so it must be used there.
     Returns:
-        G: (T, B, H, N, N) gradients with respect to the attention probabilities;
         the (T, B, N, D) cotangents of the block input (None unless ``need_input_grad``).
+
+    The attention-internal products run with the targets inside the row dimension, (B, H, T*N, .):
+    one large matrix product per head against the shared q, k, v instead of T*H small ones.
     """
     T, B, N, D = g.shape
     H = p.num_heads
+    dh = D // H
     q, k, v = saved["q"], saved["k"], saved["v"]
-    # MLP branch.
-    gu = F.linear(_scaled(g, p.ls2), p.fc2_weight.t()) * saved["dact"]
-    gx1 = g + _layer_norm_backward(F.linear(gu, p.fc1_weight.t()), saved["xhat2"], saved["rstd2"], p.ln2_weight)
+    # MLP branch; layer scale and LayerNorm weight are folded into the weights (see _fold_*).
+    gu = F.linear(g, _fold_rows(p.fc2_weight, p.ls2).t()).mul_(saved["dact"])
+    gx1 = _layer_norm_backward(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), saved["xhat2"],
+                               saved["rstd2"], residual=g)
     del gu
     # Attention branch: the gradient with respect to A is what ULTra consumes.
-    go = F.linear(_scaled(gx1, p.ls1), p.proj_weight.t()).view(T, B, N, H, -1).transpose(2, 3)
-    G = go @ v.transpose(-2, -1)
+    go = F.linear(gx1, _fold_rows(p.proj_weight, p.ls1).t()).view(T, B, N, H, dh)
+    go = go.permute(1, 3, 0, 2, 4).contiguous()  # (B, H, T, N, dh)
+    G = torch.matmul(go.view(B, H, T * N, dh), v.transpose(-2, -1)).view(B, H, T, N, N)
+    consume_G(G.permute(2, 0, 1, 3, 4), attn)
     if not need_input_grad:
-        return G, None
-    gv = attn.transpose(-2, -1) @ go
+        return None
+    # gv[t] = A^T go[t] for all t at once: (N, N) @ (N, T*dh) per head.
+    go_n = go.transpose(2, 3).contiguous().view(B, H, N, T * dh)
     del go
-    gs = attn * (G - (G * attn).sum(-1, keepdim=True))
-    gq = (gs @ k) * p.scale
-    gk = (gs.transpose(-2, -1) @ q) * p.scale
-    del gs
-    gqkv = _merge_heads(gq, gk, gv)
+    gv = torch.matmul(attn.transpose(-2, -1), go_n).view(B, H, N, T, dh)
+    del go_n
+    gs = _softmax_backward_(G, attn.unsqueeze(2))
+    gq = torch.matmul(gs.view(B, H, T * N, N), k * p.scale).view(B, H, T, N, dh)
+    gk = torch.matmul(gs.transpose(-2, -1), (q * p.scale).unsqueeze(2))  # (B, H, T, N, dh)
+    del gs, G
+    # The qkv input columns are [q | k | v], each (head, dh): write the three parts into that layout.
+    gqkv = g.new_empty(T, B, N, 3, H, dh)
+    gqkv[:, :, :, 0].copy_(gq.permute(2, 0, 3, 1, 4))
+    gqkv[:, :, :, 1].copy_(gk.permute(2, 0, 3, 1, 4))
+    gqkv[:, :, :, 2].copy_(gv.permute(3, 0, 2, 1, 4))
     del gq, gk, gv
-    gh1 = F.linear(gqkv, p.qkv_weight.t())
+    gh1 = F.linear(gqkv.view(T, B, N, 3 * D), _fold_columns(p.qkv_weight, p.ln1_weight).t())
     del gqkv
-    gx = gx1 + _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], p.ln1_weight)
-    return G, gx
+    return _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], residual=gx1)
+
+
+def _softmax_backward_(G: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """dF/dS = A * (G - rowsum(G * A)) for softmax probabilities A, computed in place over G."""
+    return G.sub_((G * attn).sum(-1, keepdim=True)).mul_(attn)
 
 
 @torch.no_grad()
 def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_row: torch.Tensor,
-                           idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                           idx: torch.Tensor, consume_G: ConsumeG) -> torch.Tensor:
     """``block_backward`` for cotangents that are non-zero in one row only: the explained block itself.
 
     Target t of image b has its cotangent ``g_row[t, b]`` at row ``idx[b, t]``. Everything before
@@ -142,9 +180,10 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     tok = idx.t()  # (T, B)
     at = lambda name: saved[name][bi, tok]  # noqa: E731  (T, B, ...) values of a saved (B, N, ...) tensor
 
-    gu = F.linear(_scaled(g_row, p.ls2), p.fc2_weight.t()) * at("dact")
-    gx1 = g_row + _layer_norm_backward(F.linear(gu, p.fc1_weight.t()), at("xhat2"), at("rstd2"), p.ln2_weight)
-    go = F.linear(_scaled(gx1, p.ls1), p.proj_weight.t()).view(T, B, H, 1, -1)  # (T, B, H, 1, dh)
+    gu = F.linear(g_row, _fold_rows(p.fc2_weight, p.ls2).t()) * at("dact")
+    gx1 = _layer_norm_backward(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), at("xhat2"),
+                               at("rstd2"), residual=g_row)
+    go = F.linear(gx1, _fold_rows(p.proj_weight, p.ls1).t()).view(T, B, H, 1, -1)  # (T, B, H, 1, dh)
     g_attn_row = (go @ v.transpose(-2, -1)).squeeze(-2)  # (T, B, H, N): row idx of dF/dA
     a_row = attn[bi, :, tok]  # (T, B, H, N)
     q_row = q.permute(0, 2, 1, 3)[bi, tok]  # (T, B, H, dh)
@@ -155,10 +194,13 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     # Dense outputs: G is zero outside row idx; the input cotangent is dense through k and v.
     G = g_attn_row.new_zeros(T, B, H, N, N)
     G[ti, bi, :, tok] = g_attn_row
+    consume_G(G, attn)
+    del G
     width = p.qkv_weight.shape[0] // 3  # qkv rows: [q | k | v], each H*dh wide
+    w_qkv = _fold_columns(p.qkv_weight, p.ln1_weight)
     gkv = _merge_heads(gk, gv)
-    gh1 = F.linear(gkv, p.qkv_weight[width:].t())
-    gh1[ti, bi, tok] += F.linear(gq_row.reshape(T, B, -1), p.qkv_weight[:width].t())
-    gx = _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], p.ln1_weight)
+    gh1 = F.linear(gkv, w_qkv[width:].t())
+    gh1[ti, bi, tok] += F.linear(gq_row.reshape(T, B, -1), w_qkv[:width].t())
+    gx = _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"])
     gx[ti, bi, tok] += gx1
-    return G, gx
+    return gx

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..models import Adapter, wrap
 from .backend import get_ops
-from .block_backward import block_backward, block_backward_one_row, block_forward
+from .block_backward import ConsumeG, block_backward, block_backward_one_row, block_forward
 from .maps import Size, finalize, resolve_size, upsample
 from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
                       resolve_start)
@@ -44,12 +44,13 @@ def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
-              backward: str = "auto"):
+              consume_G: ConsumeG, backward: str = "auto") -> Optional[torch.Tensor]:
     """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
 
     ``g`` is a dense (T, B, N, d) tensor, or ``(rows (B, N, d), idx (B, T))`` for the explained block,
-    where target t of image b starts from the single row ``idx[b, t]``.
-    Returns (G (T, B, H, N, N) = dF/dA, A (B, H, N, N), input cotangents or None).
+    where target t of image b starts from the single row ``idx[b, t]``. ``consume_G`` receives
+    G (T, B, H, N, N) = dF/dA and A (B, H, N, N) once; G may be overwritten after it returns.
+    Returns the input cotangents, or None.
     """
     spec = adapter.block_spec(index) if backward in ("auto", "manual") else None
     if backward == "manual" and spec is None:
@@ -59,10 +60,8 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
         if isinstance(g, tuple):
             rows, idx = g
             g_row = rows[torch.arange(rows.shape[0], device=idx.device).unsqueeze(0), idx.t()]
-            G, gx = block_backward_one_row(spec, A, saved, g_row, idx)
-        else:
-            G, gx = block_backward(spec, A, saved, g, need_input_grad)
-        return G, A, gx
+            return block_backward_one_row(spec, A, saved, g_row, idx, consume_G)
+        return block_backward(spec, A, saved, g, consume_G, need_input_grad)
     if isinstance(g, tuple):
         g = seed_cotangents(*g)
     x = x.detach().requires_grad_(need_input_grad)
@@ -70,7 +69,8 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
         out, attn = adapter.block(index, x)
         wrt = (attn, x) if need_input_grad else (attn,)
         grads = torch.autograd.grad(out, wrt, grad_outputs=g, is_grads_batched=True)
-    return grads[0], attn.detach(), (grads[1] if need_input_grad else None)
+    consume_G(grads[0], attn.detach())
+    return grads[1] if need_input_grad else None
 
 
 def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward) -> torch.Tensor:
@@ -82,14 +82,16 @@ def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, b
         state = eye_rows
     else:
         state = torch.eye(N, dtype=rows.dtype, device=rows.device).expand(B, T, N, N).contiguous()
+    step = ops.rollout_step if order == "rollout" else ops.paper_step
+
+    def consume(G: torch.Tensor, A: torch.Tensor) -> None:
+        nonlocal state
+        state = step(state, G.transpose(0, 1), A)  # (B, T, H, N, N) view; the ops take strides as they are
+
     g = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
     first = start_block - 1
     for k in range(len(saved) - 1, -1, -1):
-        need_input_grad = k > 0
-        G, A, g = block_vjp(adapter, first + k, saved[k], g, need_input_grad, backward)
-        G = G.transpose(0, 1)  # (B, T, H, N, N) view; the native ops take the strides as they are
-        state = ops.rollout_step(state, G, A) if order == "rollout" else ops.paper_step(state, G, A)
-        del G, A  # the block's gradients are consumed: free them before the next block
+        g = block_vjp(adapter, first + k, saved[k], g, k > 0, consume, backward)
     if order == "rollout":
         return state
     return torch.einsum("btn,btnm->btm", eye_rows, state)
@@ -159,7 +161,7 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
     P = adapter.num_prefix_tokens
-    fn = resolve_scalar(scalar, weights, P)
+    fn = resolve_scalar(scalar, weights, P, adapter=adapter, inputs=inputs)
     with eval_mode(adapter):
         z, saved = forward_saving_inputs(adapter, inputs, l, s)
         B, N, _ = z.shape
