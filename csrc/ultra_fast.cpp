@@ -53,6 +53,9 @@ TORCH_LIBRARY(ultra_fast, m) {
   m.def("contribution(Tensor G, Tensor A) -> Tensor");
   m.def("rollout_step(Tensor v, Tensor G, Tensor A) -> Tensor");
   m.def("paper_step(Tensor P, Tensor G, Tensor A) -> Tensor");
+  // Fused pieces of the batched block backward, in place over their first argument.
+  m.def("softmax_backward_(Tensor(a!) grad, Tensor attn) -> ()");
+  m.def("layer_norm_backward_(Tensor(a!) grad, Tensor xhat, Tensor rstd, Tensor? residual) -> ()");
   // Which backends were compiled, as "key=value;..." (no tensor arguments).
   m.def("_build_info() -> str", &ultra_fast::build_info);
 }

@@ -10,10 +10,17 @@
 //   contribution(G, A)    -> (B, T, N, N)  mean_h(relu(G_h) * A_h)
 //   rollout_step(v, G, A) -> (B, T, N)     v + v @ contribution(G, A), fused
 //   paper_step(P, G, A)   -> (B, T, N, N)  P + contribution(G, A) @ P
+//
+// Fused pieces of the engine's batched block backward (in place, memory-bound):
+//   softmax_backward_(grad (.., T, R, M), attn (.., R, M)): grad <- attn * (grad - rowsum(grad * attn))
+//   layer_norm_backward_(grad (.., D), xhat, rstd, residual?): the LayerNorm input cotangent from
+//     grad = output cotangent * LN weight; xhat/rstd repeat over grad's extra leading dimensions
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <c10/util/Optional.h>
 
 #include <string>
 
@@ -72,6 +79,70 @@ inline void check_P(const char* op, const at::Tensor& P, const at::Tensor& G, co
 inline at::Tensor unit_last_stride(const at::Tensor& x) {
   if (x.dim() > 0 && x.size(-1) > 1 && x.stride(-1) != 1) return x.contiguous();
   return x;
+}
+
+struct SoftmaxDims {
+  int64_t P, T, R, M;  // groups (leading dims of attn), targets, rows, columns
+};
+
+inline SoftmaxDims check_softmax_backward(const char* op, const at::Tensor& grad,
+                                          const at::Tensor& attn) {
+  TORCH_CHECK(attn.dim() >= 2 && grad.dim() == attn.dim() + 1, op,
+              ": grad must have shape (..., T, R, M) for attn (..., R, M); got grad ", grad.sizes(),
+              " and attn ", attn.sizes());
+  const int64_t k = attn.dim() - 2;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(grad.size(i) == attn.size(i), op, ": grad ", grad.sizes(),
+                " does not match attn ", attn.sizes(), " in leading dimension ", i);
+  }
+  TORCH_CHECK(grad.size(k + 1) == attn.size(k) && grad.size(k + 2) == attn.size(k + 1), op,
+              ": grad (..., T, R, M) = ", grad.sizes(), " does not match attn (..., R, M) = ",
+              attn.sizes());
+  TORCH_CHECK(grad.is_contiguous(), op, ": grad is written in place and must be contiguous");
+  TORCH_CHECK(grad.scalar_type() == attn.scalar_type(), op,
+              ": grad and attn must have the same dtype; got ", grad.scalar_type(), " and ",
+              attn.scalar_type());
+  TORCH_CHECK(grad.device() == attn.device(), op,
+              ": all inputs must be on the same device; got grad on ", grad.device(),
+              " and attn on ", attn.device());
+  int64_t P = 1;
+  for (int64_t i = 0; i < k; ++i) P *= attn.size(i);
+  return SoftmaxDims{P, grad.size(k), attn.size(k), attn.size(k + 1)};
+}
+
+struct LayerNormDims {
+  int64_t D, stat_rows;  // normalised width; rows of xhat / entries of rstd
+};
+
+inline LayerNormDims check_layer_norm_backward(const char* op, const at::Tensor& grad,
+                                               const at::Tensor& xhat, const at::Tensor& rstd,
+                                               const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(grad.dim() >= 1 && xhat.dim() >= 1 && xhat.dim() <= grad.dim(), op,
+              ": xhat must have the trailing shape of grad; got grad ", grad.sizes(), " and xhat ",
+              xhat.sizes());
+  const int64_t off = grad.dim() - xhat.dim();
+  for (int64_t i = 0; i < xhat.dim(); ++i) {
+    TORCH_CHECK(xhat.size(i) == grad.size(off + i), op, ": xhat ", xhat.sizes(),
+                " must equal the trailing dimensions of grad ", grad.sizes());
+  }
+  const int64_t D = grad.size(-1);
+  TORCH_CHECK(D > 0, op, ": empty normalised dimension");
+  const int64_t stat_rows = xhat.numel() / D;
+  TORCH_CHECK(rstd.numel() == stat_rows, op, ": rstd must have one value per row of xhat (",
+              stat_rows, "); got shape ", rstd.sizes());
+  TORCH_CHECK(grad.is_contiguous(), op, ": grad is written in place and must be contiguous");
+  for (const at::Tensor* t : {&xhat, &rstd}) {
+    TORCH_CHECK(t->scalar_type() == grad.scalar_type() && t->device() == grad.device(), op,
+                ": grad, xhat and rstd must share dtype and device; got ", grad.scalar_type(),
+                "/", grad.device(), " and ", t->scalar_type(), "/", t->device());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == grad.sizes() && residual->scalar_type() == grad.scalar_type() &&
+                    residual->device() == grad.device(),
+                op, ": residual must match grad (", grad.sizes(), ", ", grad.scalar_type(),
+                "); got ", residual->sizes(), ", ", residual->scalar_type());
+  }
+  return LayerNormDims{D, stat_rows};
 }
 
 // Build description, "key=value;..." (parsed by ultra_fast.ops.build_info()).

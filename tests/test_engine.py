@@ -217,3 +217,19 @@ def test_blocks_outside_the_manual_backward_fall_back_to_autograd():
     with pytest.raises(ValueError, match="not a plain pre-norm ViT block"):
         explain(model, x, backward="manual")
     assert rel_err(explain(model, x), explain_naive(model, x)) <= 1e-9
+
+
+def test_compute_dtype_bfloat16_is_close_to_float32():
+    """The bf16 backward mode: inexact by design; maps stay close to the exact fp32 maps."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    exact = explain(m, x)[0]
+    fast = explain(m, x, compute_dtype=torch.bfloat16)[0]
+    assert fast.dtype == exact.dtype and fast.shape == exact.shape
+    cos = torch.nn.functional.cosine_similarity(exact.flatten(1), fast.flatten(1), dim=1)
+    assert cos.min() > 0.99, cos.min()
+    assert not torch.equal(exact, fast)  # it really ran in bf16
+    with pytest.raises(ValueError, match="hand-written backward"):
+        explain(m, x, compute_dtype=torch.bfloat16, backward="autograd")

@@ -196,7 +196,7 @@ def test_chain_of_rollout_steps_equals_product():
     (lambda v, P, G, A: ops.contribution(G.half(), A.half()),
      r"contribution: the CPU kernels support float32 and float64; got Half"),
     (lambda v, P, G, A: ops.rollout_step(v.int(), G.int(), A.int()),
-     r"rollout_step: the CPU kernels support float32 and float64; got Int"),
+     r"rollout_step: the CPU kernel supports float32, float64 and bfloat16; got Int"),
     (lambda v, P, G, A: ops.contribution(G[:, :, :0], A[:, :0]),
      r"contribution: need at least one head"),
 ], ids=lambda x: x if isinstance(x, str) else None)

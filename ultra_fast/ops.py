@@ -15,6 +15,9 @@ leading B dimension: A (H, N, N), G (T, H, N, N), v (T, N), P (T, N, N)):
   (T, B, H, N, N) tensor); only a non-unit last-dimension stride costs a copy.
 - ``v``: (B, T, N) rollout row vectors; ``P``: (B, T, N, N) paper-order running products.
 
+The fused backward pieces ``softmax_backward_`` and ``layer_norm_backward_`` work in place on
+contiguous tensors and also take bfloat16 on CPU.
+
 Dtypes: float32 and float64 on CPU; float32, float16, bfloat16 (and float64) on CUDA, always
 accumulated in float32 or wider. All inputs must share one dtype and one device.
 """
@@ -25,7 +28,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["contribution", "rollout_step", "paper_step", "is_available", "build_info"]
+__all__ = ["contribution", "rollout_step", "paper_step", "softmax_backward_", "layer_norm_backward_",
+           "is_available", "build_info"]
 
 _BUILD_HINT = (
     "the ultra_fast native extension (ultra_fast._C) is not built; build it with "
@@ -56,7 +60,7 @@ def is_available(device_type: str = "cpu") -> bool:
         return False
     return all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"ultra_fast::{name}", key)
-        for name in ("contribution", "rollout_step", "paper_step")
+        for name in ("contribution", "rollout_step", "paper_step", "softmax_backward_", "layer_norm_backward_")
     )
 
 
@@ -140,6 +144,36 @@ def paper_step(P: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tenso
     return out.squeeze(0) if unbatched else out
 
 
+def softmax_backward_(grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """In place: ``grad <- attn * (grad - (grad * attn).sum(-1, keepdim=True))``, the softmax backward.
+
+    Args:
+        grad: (..., T, R, M) contiguous cotangents of the softmax probabilities, one per target.
+        attn: (..., R, M) the probabilities, shared by the T targets.
+    Returns:
+        ``grad``, now the cotangents of the softmax inputs.
+    """
+    _require()
+    torch.ops.ultra_fast.softmax_backward_(grad, attn)
+    return grad
+
+
+def layer_norm_backward_(grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place: the LayerNorm input cotangent, ``rstd * (g - mean(g) - xhat * mean(g * xhat)) + residual``.
+
+    Args:
+        grad: (..., D) contiguous output cotangents already multiplied by the LayerNorm weight.
+        xhat: the normalised inputs, with the trailing shape of ``grad`` (it repeats over grad's
+            extra leading dimensions, e.g. targets).
+        rstd: one reciprocal standard deviation per row of ``xhat``.
+        residual: optional tensor of ``grad``'s shape added to the result.
+    """
+    _require()
+    torch.ops.ultra_fast.layer_norm_backward_(grad, xhat, rstd, residual)
+    return grad
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels: shapes only, for torch.compile / FakeTensor tracing. They check what
 # the native kernels check, so tracing fails with the same messages.
@@ -191,6 +225,20 @@ if _LOADED:
         torch._check(P.dtype == G.dtype and P.device == G.device,
                      lambda: "paper_step: P, G and A must have the same dtype and device")
         return P.new_empty((B, T, N, N))
+
+
+    @torch.library.register_fake("ultra_fast::softmax_backward_")
+    def _softmax_backward_fake(grad: torch.Tensor, attn: torch.Tensor) -> None:
+        torch._check(grad.dim() == attn.dim() + 1 and grad.shape[-2:] == attn.shape[-2:],
+                     lambda: f"softmax_backward_: grad must have shape (..., T, R, M) for attn (..., R, M); "
+                             f"got grad {list(grad.shape)} and attn {list(attn.shape)}")
+
+    @torch.library.register_fake("ultra_fast::layer_norm_backward_")
+    def _layer_norm_backward_fake(grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                                  residual: Optional[torch.Tensor]) -> None:
+        torch._check(xhat.dim() <= grad.dim() and tuple(grad.shape[grad.dim() - xhat.dim():]) == tuple(xhat.shape),
+                     lambda: f"layer_norm_backward_: xhat must have the trailing shape of grad; got grad "
+                             f"{list(grad.shape)} and xhat {list(xhat.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// CPU kernels of the ultra_fast ops (float32, float64).
+// CPU kernels of the ultra_fast ops (float32, float64; rollout_step also bfloat16, accumulated
+// in float32).
 //
 // All three ops are memory-bound on G (B*T*H*N*N elements, read exactly once, in place:
 // any stride of the B, T, H and row dimensions is accepted, only the last dimension must be
@@ -12,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -58,45 +60,55 @@ struct Strides {
 // rollout_step: for nt targets t0..t0+nt-1 of one image,
 //   out[t, m] = v[t, m] + (1/H) * sum_{h, n} v[t, n] * relu(G[t, h, n, m]) * A[h, n, m]
 // acc: scratch of nt * N elements. out: contiguous rows of length N.
-template <typename T>
+template <typename T, typename Acc>
 UF_INLINE void rollout_tile_impl(int64_t nt, int64_t H, int64_t N, const T* v, const T* G,
-                                 const T* A, const Strides& s, T* UF_RESTRICT acc,
+                                 const T* A, const Strides& s, Acc* UF_RESTRICT acc,
                                  T* UF_RESTRICT out) {
-  std::fill(acc, acc + nt * N, T(0));
+  std::fill(acc, acc + nt * N, Acc(0));
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t n = 0; n < N; ++n) {
       const T* UF_RESTRICT a = A + h * s.Ah + n * s.An;
       for (int64_t tt = 0; tt < nt; ++tt) {
-        const T w = v[tt * s.vt + n * s.vn];
-        if (w == T(0)) continue;  // v starts one-hot: skip rows that cannot contribute
+        const Acc w = static_cast<Acc>(v[tt * s.vt + n * s.vn]);
+        if (w == Acc(0)) continue;  // v starts one-hot: skip rows that cannot contribute
         const T* UF_RESTRICT g = G + tt * s.Gt + h * s.Gh + n * s.Gn;
-        T* UF_RESTRICT o = acc + tt * N;
+        Acc* UF_RESTRICT o = acc + tt * N;
         UF_SIMD
-        for (int64_t m = 0; m < N; ++m) o[m] += w * relu(g[m]) * a[m];
+        for (int64_t m = 0; m < N; ++m) {
+          o[m] += w * relu(static_cast<Acc>(g[m])) * static_cast<Acc>(a[m]);
+        }
       }
     }
   }
-  const T Hs = static_cast<T>(H);
+  const Acc Hs = static_cast<Acc>(H);
   for (int64_t tt = 0; tt < nt; ++tt) {
     const T* vt = v + tt * s.vt;
-    const T* o = acc + tt * N;
+    const Acc* o = acc + tt * N;
     T* r = out + tt * N;
     if (s.vn == 1) {
       UF_SIMD
-      for (int64_t m = 0; m < N; ++m) r[m] = vt[m] + o[m] / Hs;
+      for (int64_t m = 0; m < N; ++m) r[m] = static_cast<T>(static_cast<Acc>(vt[m]) + o[m] / Hs);
     } else {
-      for (int64_t m = 0; m < N; ++m) r[m] = vt[m * s.vn] + o[m] / Hs;
+      for (int64_t m = 0; m < N; ++m) {
+        r[m] = static_cast<T>(static_cast<Acc>(vt[m * s.vn]) + o[m] / Hs);
+      }
     }
   }
 }
 
 UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const float* v, const float* G,
                             const float* A, const Strides& s, float* acc, float* out) {
-  rollout_tile_impl<float>(nt, H, N, v, G, A, s, acc, out);
+  rollout_tile_impl<float, float>(nt, H, N, v, G, A, s, acc, out);
 }
 UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const double* v, const double* G,
                             const double* A, const Strides& s, double* acc, double* out) {
-  rollout_tile_impl<double>(nt, H, N, v, G, A, s, acc, out);
+  rollout_tile_impl<double, double>(nt, H, N, v, G, A, s, acc, out);
+}
+// bfloat16 inputs, float32 accumulation (the bfloat16 engine mode).
+UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const c10::BFloat16* v,
+                            const c10::BFloat16* G, const c10::BFloat16* A, const Strides& s,
+                            float* acc, c10::BFloat16* out) {
+  rollout_tile_impl<c10::BFloat16, float>(nt, H, N, v, G, A, s, acc, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -218,20 +230,24 @@ at::Tensor rollout_step_cpu(const at::Tensor& v, const at::Tensor& G_, const at:
   const char* op = "rollout_step";
   const Dims d = check_GA(op, G_, A_);
   check_v(op, v, G_, d);
-  check_cpu_dtype(op, G_);
+  TORCH_CHECK(G_.scalar_type() == at::kFloat || G_.scalar_type() == at::kDouble ||
+                  G_.scalar_type() == at::kBFloat16,
+              op, ": the CPU kernel supports float32, float64 and bfloat16; got ",
+              G_.scalar_type());
   const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
   at::Tensor out = at::empty({d.B, d.T, d.N}, v.options());
   if (out.numel() == 0) return out;
   const Strides s = make_strides(&v, G, A);
   const int64_t tile = target_tile(d);
   const int64_t ttiles = (d.T + tile - 1) / tile;
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "ultra_fast::rollout_step (CPU)", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, G.scalar_type(), "ultra_fast::rollout_step (CPU)", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     const scalar_t* Gp = G.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
     scalar_t* Op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, d.B * ttiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> acc(static_cast<size_t>(tile * d.N));
+      std::vector<acc_t> acc(static_cast<size_t>(tile * d.N));
       for (int64_t w = begin; w < end; ++w) {
         const int64_t b = w / ttiles;
         const int64_t t0 = (w % ttiles) * tile;

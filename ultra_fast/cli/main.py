@@ -5,10 +5,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import demo_cmd, explain_cmd, segment_cmd, text_cmd, tree_cmd
+from . import bench_cmd, demo_cmd, eval_cmd, explain_cmd, segment_cmd, text_cmd, train_w_cmd, tree_cmd
 
 SUBCOMMANDS = {"explain": explain_cmd, "segment": segment_cmd, "tree": tree_cmd, "demo": demo_cmd,
-               "text": text_cmd}
+               "text": text_cmd, "train-w": train_w_cmd, "eval": eval_cmd,
+               "bench": bench_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

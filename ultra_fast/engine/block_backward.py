@@ -15,11 +15,14 @@ after attention, an MLP norm) return None and the engine uses autograd instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from types import ModuleType
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import reference_ops
 
 
 @dataclass
@@ -51,16 +54,6 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     rstd = torch.rsqrt(var + eps)
     xhat = (x - mean) * rstd
     return xhat * weight + bias, xhat, rstd
-
-
-def _layer_norm_backward(gw: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
-                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """LayerNorm input cotangent from ``gw`` = output cotangent times the LN weight (callers fold the
-    weight into the preceding matrix product), plus ``residual``; overwrites ``gw``."""
-    m1 = gw.mean(-1, keepdim=True)
-    m2 = (gw * xhat).mean(-1, keepdim=True)
-    out = gw.sub_(m1).addcmul_(xhat.expand_as(gw), m2.expand_as(gw), value=-1).mul_(rstd)
-    return out if residual is None else out.add_(residual)
 
 
 def _fold_columns(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -106,15 +99,23 @@ def block_forward(p: PreNormBlock, x: torch.Tensor) -> Tuple[torch.Tensor, dict]
 ConsumeG = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+def cast_block(p: PreNormBlock, attn: torch.Tensor, saved: dict, dtype: torch.dtype):
+    """The block's weights, attention and saved forward values in ``dtype``, for a lower-precision
+    backward from a forward computed at full precision (``explain(compute_dtype=...)``)."""
+    cast = {f.name: getattr(p, f.name).to(dtype) for f in fields(p) if isinstance(getattr(p, f.name), torch.Tensor)}
+    return replace(p, **cast), attn.to(dtype), {k: v.to(dtype) for k, v in saved.items()}
+
+
 @torch.no_grad()
 def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Tensor, consume_G: ConsumeG,
-                   need_input_grad: bool = True) -> Optional[torch.Tensor]:
+                   need_input_grad: bool = True, ops: ModuleType = reference_ops) -> Optional[torch.Tensor]:
     """Batched vector-Jacobian product of the block for T cotangents at once.
 
     Args:
         g: (T, B, N, D) cotangents of the block output.
         consume_G: called once with G (T, B, H, N, N) = dF/dA (a strided view) and A (B, H, N, N);
             G's memory is reused for the softmax backward afterwards, so it must be used there.
+        ops: who runs the fused softmax / LayerNorm backward (``ultra_fast.ops`` or ``reference_ops``).
     Returns:
         the (T, B, N, D) cotangents of the block input (None unless ``need_input_grad``).
 
@@ -127,8 +128,8 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
     q, k, v = saved["q"], saved["k"], saved["v"]
     # MLP branch; layer scale and LayerNorm weight are folded into the weights (see _fold_*).
     gu = F.linear(g, _fold_rows(p.fc2_weight, p.ls2).t()).mul_(saved["dact"])
-    gx1 = _layer_norm_backward(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), saved["xhat2"],
-                               saved["rstd2"], residual=g)
+    gx1 = ops.layer_norm_backward_(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), saved["xhat2"],
+                                   saved["rstd2"], g)
     del gu
     # Attention branch: the gradient with respect to A is what ULTra consumes.
     go = F.linear(gx1, _fold_rows(p.proj_weight, p.ls1).t()).view(T, B, N, H, dh)
@@ -142,7 +143,7 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
     del go
     gv = torch.matmul(attn.transpose(-2, -1), go_n).view(B, H, N, T, dh)
     del go_n
-    gs = _softmax_backward_(G, attn.unsqueeze(2))
+    gs = ops.softmax_backward_(G, attn)
     gq = torch.matmul(gs.view(B, H, T * N, N), k * p.scale).view(B, H, T, N, dh)
     gk = torch.matmul(gs.transpose(-2, -1), (q * p.scale).unsqueeze(2))  # (B, H, T, N, dh)
     del gs, G
@@ -154,17 +155,12 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
     del gq, gk, gv
     gh1 = F.linear(gqkv.view(T, B, N, 3 * D), _fold_columns(p.qkv_weight, p.ln1_weight).t())
     del gqkv
-    return _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"], residual=gx1)
-
-
-def _softmax_backward_(G: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """dF/dS = A * (G - rowsum(G * A)) for softmax probabilities A, computed in place over G."""
-    return G.sub_((G * attn).sum(-1, keepdim=True)).mul_(attn)
+    return ops.layer_norm_backward_(gh1, saved["xhat1"], saved["rstd1"], gx1)
 
 
 @torch.no_grad()
 def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_row: torch.Tensor,
-                           idx: torch.Tensor, consume_G: ConsumeG) -> torch.Tensor:
+                           idx: torch.Tensor, consume_G: ConsumeG, ops: ModuleType = reference_ops) -> torch.Tensor:
     """``block_backward`` for cotangents that are non-zero in one row only: the explained block itself.
 
     Target t of image b has its cotangent ``g_row[t, b]`` at row ``idx[b, t]``. Everything before
@@ -181,8 +177,8 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     at = lambda name: saved[name][bi, tok]  # noqa: E731  (T, B, ...) values of a saved (B, N, ...) tensor
 
     gu = F.linear(g_row, _fold_rows(p.fc2_weight, p.ls2).t()) * at("dact")
-    gx1 = _layer_norm_backward(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), at("xhat2"),
-                               at("rstd2"), residual=g_row)
+    gx1 = ops.layer_norm_backward_(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), at("xhat2"),
+                                   at("rstd2"), g_row)
     go = F.linear(gx1, _fold_rows(p.proj_weight, p.ls1).t()).view(T, B, H, 1, -1)  # (T, B, H, 1, dh)
     g_attn_row = (go @ v.transpose(-2, -1)).squeeze(-2)  # (T, B, H, N): row idx of dF/dA
     a_row = attn[bi, :, tok]  # (T, B, H, N)
@@ -201,6 +197,6 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     gkv = _merge_heads(gk, gv)
     gh1 = F.linear(gkv, w_qkv[width:].t())
     gh1[ti, bi, tok] += F.linear(gq_row.reshape(T, B, -1), w_qkv[:width].t())
-    gx = _layer_norm_backward(gh1, saved["xhat1"], saved["rstd1"])
+    gx = ops.layer_norm_backward_(gh1, saved["xhat1"], saved["rstd1"])
     gx[ti, bi, tok] += gx1
     return gx

@@ -8,8 +8,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import Adapter, wrap
+from . import reference_ops
+from .allocator import reuse_freed_memory
 from .backend import get_ops
-from .block_backward import ConsumeG, block_backward, block_backward_one_row, block_forward
+from .block_backward import ConsumeG, block_backward, block_backward_one_row, block_forward, cast_block
 from .maps import Size, finalize, resolve_size, upsample
 from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
                       resolve_start)
@@ -44,24 +46,29 @@ def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
-              consume_G: ConsumeG, backward: str = "auto") -> Optional[torch.Tensor]:
+              consume_G: ConsumeG, backward: str = "auto", ops=reference_ops,
+              compute_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
 
     ``g`` is a dense (T, B, N, d) tensor, or ``(rows (B, N, d), idx (B, T))`` for the explained block,
     where target t of image b starts from the single row ``idx[b, t]``. ``consume_G`` receives
     G (T, B, H, N, N) = dF/dA and A (B, H, N, N) once; G may be overwritten after it returns.
-    Returns the input cotangents, or None.
+    ``compute_dtype`` (hand-written backward only): run the backward in this dtype, from a forward
+    recomputed in the model's dtype. Returns the input cotangents, or None.
     """
     spec = adapter.block_spec(index) if backward in ("auto", "manual") else None
     if backward == "manual" and spec is None:
         raise ValueError(f"backward='manual': block {index} of {adapter.name} is not a plain pre-norm ViT block")
     if spec is not None:
         A, saved = block_forward(spec, x)
+        if compute_dtype is not None and compute_dtype != x.dtype:
+            spec, A, saved = cast_block(spec, A, saved, compute_dtype)
+            g = (g[0].to(compute_dtype), g[1]) if isinstance(g, tuple) else g.to(compute_dtype)
         if isinstance(g, tuple):
             rows, idx = g
             g_row = rows[torch.arange(rows.shape[0], device=idx.device).unsqueeze(0), idx.t()]
-            return block_backward_one_row(spec, A, saved, g_row, idx, consume_G)
-        return block_backward(spec, A, saved, g, consume_G, need_input_grad)
+            return block_backward_one_row(spec, A, saved, g_row, idx, consume_G, ops)
+        return block_backward(spec, A, saved, g, consume_G, need_input_grad, ops)
     if isinstance(g, tuple):
         g = seed_cotangents(*g)
     x = x.detach().requires_grad_(need_input_grad)
@@ -73,7 +80,8 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
     return grads[1] if need_input_grad else None
 
 
-def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward) -> torch.Tensor:
+def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward,
+                  compute_dtype=None) -> torch.Tensor:
     """S̄_i[i, :] for one chunk of targets: (B, T, N)."""
     B, N, _ = rows.shape
     T = idx.shape[1]
@@ -86,12 +94,14 @@ def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, b
 
     def consume(G: torch.Tensor, A: torch.Tensor) -> None:
         nonlocal state
-        state = step(state, G.transpose(0, 1), A)  # (B, T, H, N, N) view; the ops take strides as they are
+        # (B, T, H, N, N) view; the ops take strides as they are. A lower-precision backward hands G over
+        # in its dtype; the chain state stays in the model's dtype between blocks.
+        state = step(state.to(G.dtype), G.transpose(0, 1), A).to(rows.dtype)
 
     g = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
     first = start_block - 1
     for k in range(len(saved) - 1, -1, -1):
-        g = block_vjp(adapter, first + k, saved[k], g, k > 0, consume, backward)
+        g = block_vjp(adapter, first + k, saved[k], g, k > 0, consume, backward, ops, compute_dtype)
     if order == "rollout":
         return state
     return torch.einsum("btn,btnm->btm", eye_rows, state)
@@ -112,6 +122,7 @@ def explain(
     backend: str = "auto",
     backward: str = "auto",
     memory_budget: Optional[int] = None,
+    compute_dtype: Optional[torch.dtype] = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Exact ULTra explanation maps of many tokens of many images (SPEC §2), fast (SPEC §3).
@@ -133,6 +144,10 @@ def explain(
             or ``"auto"`` (manual where the block allows it).
         memory_budget: bytes one chunk of targets may use in the backward; default: see
             ``options.default_memory_budget``. Smaller budgets only mean more chunks, same maps.
+        compute_dtype: a faster, inexact mode: run the batched backward (its matrix products and
+            fused ops) in this dtype, e.g. ``torch.bfloat16``, while the forward, the attention
+            probabilities and the chain state between blocks stay in the model's dtype. Off (None) by
+            default; needs the hand-written backward (plain pre-norm ViT blocks).
 
     Returns:
         (B, T, h, w) maps, or (B, T, *size) when ``size`` is given.
@@ -144,7 +159,7 @@ def explain(
     grid = adapter.grid_size(images)
     rows, idx = explain_rows(adapter, images, layer=layer, scalar=scalar, targets=targets, order=order,
                              start_block=start_block, weights=weights, backend=backend, backward=backward,
-                             memory_budget=memory_budget, progress=progress)
+                             memory_budget=memory_budget, compute_dtype=compute_dtype, progress=progress)
     maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, self_max)
     return upsample(maps, out_size, interpolation)
 
@@ -152,7 +167,8 @@ def explain(
 def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
                  targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
                  weights: Optional[torch.Tensor] = None, backend: str = "auto", backward: str = "auto",
-                 memory_budget: Optional[int] = None, progress: bool = False):
+                 memory_budget: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
+                 progress: bool = False):
     """The modality-free core of ``explain``: rows S̄_i[i, :] (B, T, N) over all N tokens, and the
     (B, T) target indices. ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
     l = resolve_layer(layer, adapter.num_blocks)
@@ -161,6 +177,8 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
     if backward not in BACKWARDS:
         raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
     P = adapter.num_prefix_tokens
+    if adapter.device.type == "cpu":
+        reuse_freed_memory()
     fn = resolve_scalar(scalar, weights, P, adapter=adapter, inputs=inputs)
     with eval_mode(adapter):
         z, saved = forward_saving_inputs(adapter, inputs, l, s)
@@ -168,7 +186,9 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
         idx = resolve_targets(targets, B, N, P, z.device)
         if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
             raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
-        ops = get_ops(backend, z.device, z.dtype)
+        if compute_dtype is not None and backward == "autograd":
+            raise ValueError("compute_dtype needs the hand-written backward (backward='auto' or 'manual')")
+        ops = get_ops(backend, z.device, compute_dtype or z.dtype, order)
         rows = token_cotangents(fn, z)
         T = idx.shape[1]
         per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim, z.element_size(), order)
@@ -176,5 +196,5 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
         out = z.new_empty(B, T, N)
         for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):
             out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops,
-                                               backward)
+                                               backward, compute_dtype)
     return out, idx

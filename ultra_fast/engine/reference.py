@@ -51,7 +51,7 @@ def _prepare(model, images, layer, scalar, targets, order, start_block, size, we
     l = resolve_layer(layer, adapter.num_blocks)
     s = resolve_start(start_block, l)
     check_order(order)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
+    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens, adapter=adapter, inputs=images)
     grid = adapter.grid_size(images)
     N = adapter.num_prefix_tokens + grid[0] * grid[1]
     idx = resolve_targets(targets, images.shape[0], N, adapter.num_prefix_tokens, images.device)
@@ -67,7 +67,7 @@ def naive_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: 
     l = resolve_layer(layer, adapter.num_blocks)
     s = resolve_start(start_block, l)
     check_order(order)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens)
+    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens, adapter=adapter, inputs=inputs)
     rows = []
     with eval_mode(adapter), torch.enable_grad():
         z, attns = _forward_with_attention(adapter, inputs, l)

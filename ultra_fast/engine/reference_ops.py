@@ -9,6 +9,8 @@ of the engine. Layouts (B images, T targets, H heads, N tokens):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -25,3 +27,20 @@ def rollout_step(v: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Ten
 def paper_step(P: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``(I + contribution(G, A)) @ P``: one block of the paper-order chain (earliest block leftmost)."""
     return P + contribution(G, A) @ P
+
+
+def softmax_backward_(grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """In place: grad (..., T, R, M) <- attn * (grad - rowsum(grad * attn)), attn (..., R, M)."""
+    a = attn.unsqueeze(-3)
+    return grad.sub_((grad * a).sum(-1, keepdim=True)).mul_(a)
+
+
+def layer_norm_backward_(grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place: rstd * (grad - mean(grad) - xhat * mean(grad * xhat)) + residual; grad already carries
+    the LayerNorm weight; xhat (and rstd, one per xhat row) repeat over grad's extra leading dims."""
+    rstd = rstd.reshape(xhat.shape[:-1] + (1,))
+    m1 = grad.mean(-1, keepdim=True)
+    m2 = (grad * xhat).mean(-1, keepdim=True)
+    out = grad.sub_(m1).sub_(xhat * m2).mul_(rstd)
+    return out if residual is None else out.add_(residual)

@@ -6,7 +6,8 @@ Every scalar is applied to the whole (B, N, d) token tensor at the explained lay
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import os
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ class LearnedScalar(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         N, d = z.shape[-2:]
-        w = self.directions.to(z.dtype)
+        w = self.directions.to(device=z.device, dtype=z.dtype)
         if w.shape[-1] != d:
             raise ValueError(f"learned scalar weights have dimension {w.shape[-1]}, tokens have {d}")
         if w.shape[0] == N:
@@ -65,9 +66,28 @@ class LearnedScalar(nn.Module):
                          f"{N} tokens ({self.num_prefix_tokens} prefix). Was W trained for another grid?")
 
 
-def resolve_scalar(scalar: Union[str, ScalarFn], weights: Optional[torch.Tensor] = None,
-                   num_prefix_tokens: int = 0) -> ScalarFn:
-    """A callable (B, N, d) -> (B, N) for a scalar name or a user callable."""
+def load_learned_weights(weights, adapter=None, inputs=None) -> torch.Tensor:
+    """Θ from ``weights``: a tensor is used as is (unchecked); a path is read as a W checkpoint and, when
+    ``adapter`` is given, refused unless it was trained for this model (``adapter.name``) and for the
+    patch grid ``adapter.grid_size(inputs)``, with an error naming both values."""
+    if isinstance(weights, torch.Tensor):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        from ..training.checkpoint import load_w
+        grid = adapter.grid_size(inputs) if adapter is not None and inputs is not None else None
+        return load_w(weights, model_name=adapter.name if adapter is not None else None, grid=grid,
+                      num_prefix_tokens=adapter.num_prefix_tokens if adapter is not None else None,
+                      dim=adapter.embed_dim if adapter is not None else None).theta
+    raise TypeError(f"weights must be a (tokens, d) tensor or a W checkpoint path; got {type(weights).__name__}")
+
+
+def resolve_scalar(scalar: Union[str, ScalarFn], weights: Union[None, torch.Tensor, str, os.PathLike] = None,
+                   num_prefix_tokens: int = 0, adapter=None, inputs=None) -> ScalarFn:
+    """A callable (B, N, d) -> (B, N) for a scalar name or a user callable.
+
+    ``adapter`` and ``inputs`` (optional) let a W checkpoint path be checked against the model and the
+    patch grid it is used with (see ``load_learned_weights``).
+    """
     if callable(scalar):
         return scalar
     if scalar == "sum":
@@ -79,9 +99,7 @@ def resolve_scalar(scalar: Union[str, ScalarFn], weights: Optional[torch.Tensor]
     if scalar == "learned":
         if weights is None:
             raise ValueError('scalar="learned" needs weights= (a (tokens, d) tensor or a W checkpoint path)')
-        if isinstance(weights, str):
-            weights = torch.load(weights, map_location="cpu", weights_only=True)["theta"]
-        return LearnedScalar(weights, num_prefix_tokens)
+        return LearnedScalar(load_learned_weights(weights, adapter, inputs), num_prefix_tokens)
     raise ValueError(f"unknown scalar {scalar!r}; expected one of {SCALARS} or a callable")
 
 

@@ -1,0 +1,209 @@
+"""Evaluation results as files: ``results.json``, a markdown report and PNG plots (matplotlib, Agg).
+
+Everything here reads the results dict of ``harness.summarise`` only, so a report can be rebuilt from a
+saved ``results.json`` too (``write_report(json.load(...), out)``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..io import atomic_write
+
+PROTOCOL_TITLES = {"per-image": "per-image protocol (Hungarian per image: optimistic)",
+                   "dataset": "dataset-wide protocol (k-means shared ids, one Hungarian)"}
+SCALAR_NAMES = {"sum": "ULTra_S", "energy": "ULTra_E", "norm": "ULTra (norm)", "learned": "ULTra_W"}
+
+
+def _fmt(v: Optional[float], digits: int = 1) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def method_label(row: Dict[str, Any]) -> str:
+    """Human name of a table row: 'ULTra_S', 'k-means (k = classes)', 'CLS rollout'."""
+    if row["method"] == "ULTra":
+        return SCALAR_NAMES.get(row["scalar"], row["scalar"])
+    if row["method"] == "k-means":
+        return "k-means (k = classes)" if row["k"] == "classes" else "k-means (k = ULTra segments)"
+    return row["method"]
+
+
+def context(results: Dict[str, Any]) -> str:
+    """One line naming the data, model and input size (used in titles)."""
+    d, s = results["dataset"], results["settings"]
+    size = f"{s['size'][0]}x{s['size'][1]}" if isinstance(s["size"], list) else f"{s['size']}"
+    return f"{d['name']} {d['split']} ({results['images']['scored']} images), {results['model']['name']}, {size} px"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
+                                                                           for r in rows]
+
+
+def to_markdown(results: Dict[str, Any]) -> str:
+    """The report: one table per protocol, then ITIoU and the perturbation test."""
+    im, t = results["images"], results["timing"]
+    lines = [f"# Evaluation: {context(results)}", ""]
+    lines.append(f"Images scored: {im['scored']} of {im['selected']} selected"
+                 + (f" (missing: {len(im['missing'])}, e.g. {', '.join(im['missing'][:3])})" if im["missing"] else "")
+                 + f"; {t['seconds_per_image']:.1f} s per image on {', '.join(t['devices'])}.")
+    primary = results["primary"]
+    lines.append(f"Primary setting: {SCALAR_NAMES.get(primary['scalar'], primary['scalar'])}, layer "
+                 f"{primary['layer']}, ζ = {primary['threshold']:g}. Features: {results['notes']['features']}.")
+    lines.append("")
+    for protocol in results["protocols"]:
+        lines += [f"## Segmentation, {PROTOCOL_TITLES.get(protocol, protocol)}", ""]
+        rows = []
+        for r in results["segmentation"][protocol]:
+            ultra = r["method"] == "ULTra"
+            rows.append([method_label(r), str(r["layer"]) if ultra else "–", r["assign"] if ultra else "–",
+                         f"{r['threshold']:g}" if ultra else "–", _fmt(r["mIoU"]), _fmt(r["accuracy"]),
+                         _fmt(r["mean_segments"])])
+        lines += _table(["method", "layer", "assign", "ζ", "mIoU", "accuracy", "segments/img"], rows) + [""]
+    if results["itiou"]:
+        taus = list(results["itiou"][0]["values"])
+        lines += ["## ITIoU (×100; token masks = min-max scaled map ≥ τ)", ""]
+        rows = [[SCALAR_NAMES.get(r["scalar"], r["scalar"]), str(r["layer"])]
+                + [_fmt(r["values"][tau]) for tau in taus] for r in results["itiou"]]
+        lines += _table(["scalar", "layer"] + [f"τ = {tau}" for tau in taus], rows) + [""]
+    p = results.get("perturbation")
+    if p and p["modes"]:
+        lines += [f"## Perturbation test ({SCALAR_NAMES.get(p['scalar'], p['scalar'])}, layer {p['layer']}, "
+                  f"k = {p['k']} tokens per image, {p['fraction']:.0%} of the patches removed)", "",
+                  "Mean ||z_i − z̃_i|| when the most (positive) or least (negative) relevant patches of the token's "
+                  "map are removed; positive should exceed negative.", ""]
+        rows = [[mode, _fmt(v["positive"], 3), _fmt(v["negative"], 3), _fmt(100 * v["positive_wins"]
+                 if v["positive_wins"] is not None else None), str(v["count"])] for mode, v in p["modes"].items()]
+        lines += _table(["mode", "positive", "negative", "tokens with positive > negative (%)", "tokens"], rows)
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def _figure(rows: int, cols: int):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    return fig, axes
+
+
+def _ultra(rows: List[Dict[str, Any]], **match) -> List[Dict[str, Any]]:
+    return [r for r in rows if r["method"] == "ULTra" and all(r[k] == v for k, v in match.items())]
+
+
+def _baselines(ax, rows: List[Dict[str, Any]], metric: str) -> None:
+    styles = iter([":", "-.", (0, (5, 2))])
+    for r in rows:
+        if r["method"] != "ULTra" and r[metric] is not None:
+            ax.axhline(r[metric], color="gray", linestyle=next(styles, "--"), linewidth=1.2, label=method_label(r))
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def _shared_legend(fig, ax) -> None:
+    """One legend under all panels (every panel has the same lines), so no curve is hidden behind it."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
+
+
+def plot_layers(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    """mIoU and accuracy vs layer, one line per scalar, one row per protocol (primary assign and ζ)."""
+    s = results["settings"]
+    if len(s["layers"]) < 2:
+        return None
+    assign, z = s["assigns"][0], results["primary"]["threshold"]
+    protocols = results["protocols"]
+    fig, axes = _figure(len(protocols), 2)
+    for i, protocol in enumerate(protocols):
+        table = results["segmentation"][protocol]
+        for j, metric in enumerate(("mIoU", "accuracy")):
+            ax = axes[i][j]
+            for scalar in s["scalars"]:
+                pts = sorted((r["layer"], r[metric]) for r in _ultra(table, scalar=scalar, assign=assign, threshold=z)
+                             if r[metric] is not None)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=SCALAR_NAMES.get(scalar, scalar))
+            _baselines(ax, table, metric)
+            ax.set_xticks(s["layers"])
+            _finish(ax, "layer (tokens after block l)", f"{metric} (%)", f"{metric}, {protocol} protocol", False)
+    _shared_legend(fig, axes[0][0])
+    fig.suptitle(f"{context(results)}\nULTra by layer: assign = {assign}, ζ = {z:g}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_thresholds(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    """mIoU and accuracy vs ζ, one line per (scalar, assign rule), one row per protocol (primary layer)."""
+    s = results["settings"]
+    if len(s["thresholds"]) < 2:
+        return None
+    layer = results["primary"]["layer"]
+    protocols = results["protocols"]
+    fig, axes = _figure(len(protocols), 2)
+    for i, protocol in enumerate(protocols):
+        table = results["segmentation"][protocol]
+        for j, metric in enumerate(("mIoU", "accuracy")):
+            ax = axes[i][j]
+            for scalar in s["scalars"]:
+                for assign in s["assigns"]:
+                    pts = sorted((r["threshold"], r[metric]) for r in
+                                 _ultra(table, scalar=scalar, assign=assign, layer=layer) if r[metric] is not None)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            linestyle="-" if assign == "argmax" else "--",
+                            label=f"{SCALAR_NAMES.get(scalar, scalar)}, {assign}")
+            _baselines(ax, table, metric)
+            _finish(ax, "ζ (cosine distance cut)", f"{metric} (%)", f"{metric}, {protocol} protocol", False)
+    _shared_legend(fig, axes[0][0])
+    fig.suptitle(f"{context(results)}\nULTra by clustering threshold: layer {layer}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_itiou(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    """ITIoU vs τ, one line per (scalar, layer)."""
+    if not results["itiou"] or len(results["itiou"][0]["values"]) < 2:
+        return None
+    fig, axes = _figure(1, 1)
+    ax = axes[0][0]
+    for r in results["itiou"]:
+        pts = [(float(t), v) for t, v in r["values"].items() if v is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{SCALAR_NAMES.get(r['scalar'], r['scalar'])}, layer {r['layer']}")
+    _finish(ax, "τ (threshold on the min-max scaled map)", "ITIoU (×100)", "object selection (ITIoU) vs τ")
+    fig.suptitle(context(results), fontsize=11)
+    return _save(fig, path)
+
+
+PLOTS: Dict[str, Callable[[Dict[str, Any], Path], Optional[Path]]] = {
+    "layers.png": plot_layers, "thresholds.png": plot_thresholds, "itiou.png": plot_itiou}
+
+
+def write_report(results: Dict[str, Any], out) -> List[Path]:
+    """Write ``results.json``, ``results.md`` and the plots that apply into ``out``; the paths written."""
+    out = Path(out)
+    written = [atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
+                   json.dumps(results, indent=1, allow_nan=False))),
+               atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(to_markdown(results)))]
+    for name, plot in PLOTS.items():
+        path = plot(results, out / name)
+        if path is not None:
+            written.append(path)
+        elif (out / name).exists():
+            (out / name).unlink()  # a plot from an earlier, different summary would mislead
+    return written
