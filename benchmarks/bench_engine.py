@@ -7,7 +7,7 @@ One run produces every table (random weights: speed does not depend on them; 224
     python benchmarks/summarize.py bench.json     # markdown: ratios to ultra_fast[native] fp32
 
 Groups are per geometry and device. Rows: ultra_fast with native and pure-torch chain ops (fp32),
-ultra_fast on a bfloat16 copy of the model (backend auto), ``explain_naive`` (one backward per token)
+ultra_fast with ``compute_dtype=torch.bfloat16`` (fp32 forward, bf16 batched backward), ``explain_naive`` (one backward per token)
 and ``explain_authors`` (per token one forward plus one autograd.grad per block). Plus end-to-end
 segmentation (explain + segment_maps) images/s for clip_b16. ``extra_info`` of each row holds the
 FLOP count of the fast engine, the achieved GFLOP/s, the utilisation against one 4096² fp32 matrix
@@ -20,7 +20,6 @@ A CUDA machine adds a "cuda" device parameter: ``-k cuda`` selects those rows on
 """
 from __future__ import annotations
 
-import copy
 import functools
 import os
 
@@ -85,7 +84,7 @@ def synced(fn, device: str):
 IMPL_FNS = {
     "ultra_fast[native]": lambda m, x: explain(m, x, backend="native"),
     "ultra_fast[torch]": lambda m, x: explain(m, x, backend="torch"),
-    "ultra_fast[bf16]": lambda m, x: explain(m, x, backend="auto"),
+    "ultra_fast[bf16]": lambda m, x: explain(m, x, compute_dtype=torch.bfloat16),
     "naive_loop": explain_naive,
     "authors": explain_authors,
 }
@@ -113,7 +112,7 @@ def _record(benchmark, impl, dtype, device, m, x, peak):
     fc = explain_flops(m, SIZE)
     info.update(flops=fc.total, tokens=fc.tokens, targets=fc.targets, chunk=fc.chunk,
                 chain_backend=chain_backend("auto" if impl == "ultra_fast[bf16]" else impl[11:-1],
-                                            x.device, x.dtype))
+                                            x.device, dtype))
     if best is None:
         return
     achieved = fc.total / best
@@ -129,11 +128,10 @@ def _record(benchmark, impl, dtype, device, m, x, peak):
 def test_all_patch_tokens(benchmark, impl, geometry, device):
     if impl == "ultra_fast[native]" and not _native_available(device):
         pytest.skip(f"native ops not built for {device}")
+    # bf16: the engine's compute_dtype mode (fp32 model and forward, bf16 batched backward).
     dtype = torch.bfloat16 if impl == "ultra_fast[bf16]" else torch.float32
     m = model(GEOMETRIES[geometry], device)
-    if dtype != torch.float32:
-        m = copy.deepcopy(m).to(dtype)
-    x = images(device, dtype)
+    x = images(device)
     patch = m.patch_embed.patch_size[0]
     tokens = (SIZE // patch) ** 2
     benchmark.group = f"explain all patch tokens: {geometry} {SIZE}px {device}"

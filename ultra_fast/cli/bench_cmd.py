@@ -5,7 +5,7 @@ import argparse
 import json
 import re
 
-from .common import add_model_args, load_model
+from .common import DTYPES, add_model_args, load_model
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     p.add_argument("--memory-budget", type=parse_bytes, default=None,
                    help="bytes per chunk of targets, e.g. 2G (default: the engine's)")
+    p.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="run the batched backward in this dtype (fast inexact mode; default: exact, the model's)")
     p.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: %(default)s)")
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_model(args)
     result = run_bench(adapter, args.size, targets=args.targets, layer=args.layer, start_block=args.start_block,
                        batch=args.batch, repeats=args.repeats, warmup=args.warmup, segment=args.segment,
-                       backend=args.backend, memory_budget=args.memory_budget, matmul_n=args.matmul_n)
+                       backend=args.backend, memory_budget=args.memory_budget, matmul_n=args.matmul_n,
+                       compute_dtype=DTYPES[args.compute_dtype] if args.compute_dtype else None)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar, Union
 
-from .common import add_model_args, load_model
+from .common import add_fast_mode_args, add_model_args, load_model
 
 T = TypeVar("T")
 
@@ -59,6 +59,10 @@ def add_parser(sub) -> None:
                    help="evaluate this slice of the samples sorted by name, e.g. 0:100")
     p.add_argument("--limit", type=int, default=None, help="at most this many images (after --images)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    fast = p.add_argument_group("fast modes (inexact; applied to every ULTra explanation, not to the baselines)")
+    fast.add_argument("--start-block", type=int, default=1,
+                      help="first block whose attention contributes (default: %(default)s)")
+    add_fast_mode_args(fast)  # with --target-stride, ITIoU and perturbation use each token's nearest explained map
     p.add_argument("--overwrite", action="store_true", help="discard a cache made with other settings")
     p.add_argument("--summarise-only", action="store_true",
                    help="rebuild results.json/md and plots from DIR's cache; computes nothing")
@@ -128,12 +132,14 @@ def config_from_args(args: argparse.Namespace):
                       assigns=parse_list(args.assign, str, "--assign"),
                       thresholds=parse_list(args.thresholds, float, "--thresholds"), protocols=protocols,
                       baselines=baselines, taus=parse_list(args.taus, float, "--taus"),
-                      perturbation=args.perturbation, perturb_k=args.perturb_k, weights=weights, seed=args.seed)
+                      perturbation=args.perturbation, perturb_k=args.perturb_k, weights=weights, seed=args.seed,
+                      start_block=args.start_block, compute_dtype=args.compute_dtype,
+                      target_stride=args.target_stride)
 
 
 def _print_summary(results) -> None:
     from ..evaluation.report import context, method_label
-    print(f"{context(results)}: {results['timing']['seconds_per_image']:.1f} s/image")
+    print(f"{context(results)}, mode {results['mode']['name']}: {results['timing']['seconds_per_image']:.1f} s/image")
     primary = results["primary"]
     for protocol, rows in results["segmentation"].items():
         for r in rows:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from .common import add_method_args, add_model_args, load_model
+from .common import add_method_args, add_model_args, compute_dtype, load_model, target_stride
 
 
 def add_parser(sub) -> None:
@@ -16,9 +16,10 @@ def add_parser(sub) -> None:
     src.add_argument("image", nargs="?", help="an image file")
     src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
     add_model_args(p)
-    add_method_args(p)
+    add_method_args(p, fast_modes=True)
     p.add_argument("--tokens", default=None,
-                   help="patches to explain as 'row,col;row,col' (default: an even lattice of --num-tokens)")
+                   help="patches to explain as 'row,col;row,col' (default: an even lattice of --num-tokens; "
+                        "with --target-stride K > 1: every K-th patch)")
     p.add_argument("--num-tokens", type=int, default=8)
     p.add_argument("--progression", action="store_true",
                    help="show the first token at every layer instead of several tokens at one layer")
@@ -56,12 +57,21 @@ def run(args: argparse.Namespace) -> int:
     x = preprocess(image, adapter.preprocessing, size=args.size).to(args.device)
     grid = adapter.grid_size(x)
     ph, pw = adapter.preprocessing.patch_size
-    cells = parse_tokens(args.tokens, grid) if args.tokens else lattice(grid, args.num_tokens)
+    stride = target_stride(args)
+    if stride > 1 and args.tokens:
+        raise ValueError("--tokens and --target-stride both choose the tokens; give one of them")
+    if args.tokens:
+        cells = parse_tokens(args.tokens, grid)
+    elif stride > 1:
+        cells = [(r, c) for r in range(0, grid[0], stride) for c in range(0, grid[1], stride)]
+    else:
+        cells = lattice(grid, args.num_tokens)
     P = adapter.num_prefix_tokens
     idx = [P + r * grid[1] + c for r, c in cells]
     sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
     box = lambda r, c: (c * pw * sx, r * ph * sy, (c + 1) * pw * sx, (r + 1) * ph * sy)  # noqa: E731
-    kw = dict(scalar=args.scalar, order=args.order, start_block=args.start_block, backend=args.backend)
+    kw = dict(scalar=args.scalar, order=args.order, start_block=args.start_block, backend=args.backend,
+              compute_dtype=compute_dtype(args))
     t0 = time.perf_counter()
     if args.progression:
         layers = list(range(max(args.start_block, 1), adapter.num_blocks + 1))

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_method_args, add_model_args, load_model
+from .common import add_method_args, add_model_args, load_model, target_stride
 
 DEFAULT_SIZE = 224
 
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
                    help="image files, folders (walked recursively), globs, or .txt files listing paths")
     p.add_argument("--out", required=True, help="output folder DIR")
     add_model_args(p)
-    add_method_args(p)
+    add_method_args(p, fast_modes=True)
     p.set_defaults(size=DEFAULT_SIZE)
     for a in p._actions:  # the shared --size help names 448; segmentation defaults to a cheaper size
         if a.dest == "size":
@@ -68,7 +68,8 @@ def settings_from_args(args):
                         pretrained=str(args.pretrained), dtype=args.dtype, size=args.size,
                         max_tokens=getattr(args, "max_tokens", 4096), layer=args.layer, scalar=args.scalar,
                         order=args.order, start_block=args.start_block, threshold=threshold,
-                        n_clusters=args.n_clusters, metric=args.metric, method=args.linkage, assign=args.assign)
+                        n_clusters=args.n_clusters, metric=args.metric, method=args.linkage, assign=args.assign,
+                        compute_dtype=getattr(args, "compute_dtype", None), target_stride=target_stride(args))
     s.validate()
     return s
 

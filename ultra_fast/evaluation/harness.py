@@ -32,6 +32,12 @@ Choices, documented here and in ``results.json`` (``notes``):
   foreground/background, only for datasets whose class 0 is "background" (VOC) and models with a CLS.
 - **Seeds**: each image's seed (k-means, perturbation tokens and noise) is derived from ``seed`` and the
   sample name, so a number never depends on which slice of the split a run covers.
+- **Fast modes** (``start_block``, ``compute_dtype``, ``target_stride``; exact by default) apply to every
+  ULTra explanation of the run, never to the baselines. With ``target_stride`` k > 1 only every k-th
+  patch is explained: segmentation clusters those maps (``segment_maps(token_positions=...)``), and ITIoU
+  and the perturbation test score every token with the map of its nearest explained token (the fast
+  mode's stand-in for the map it did not compute). At their defaults these fields are left out of the
+  run's key, so caches made before they existed stay valid. ``results.json`` names the mode (``mode``).
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ from ..engine.options import eval_mode, resolve_layer
 from ..io import atomic_write
 from ..models import Adapter, wrap
 from ..segmentation import segment_maps
-from ..segmentation.segment import ASSIGN_RULES
+from ..segmentation.segment import (ASSIGN_RULES, COMPUTE_DTYPES, grid_positions, nearest_token,
+                                    resolve_compute_dtype, strided_targets)
 from .baselines import cls_rollout_map, foreground_mask, kmeans_token_clusters, upsample_nearest
 from .itiou import ITIoU, itiou_image
 from .metrics import DatasetWideMatching, PerImageMatching, segment_histograms
@@ -88,7 +95,13 @@ NOTES = {
     "kmeans": "scikit-learn KMeans on L2-normalised last-layer patch tokens, nearest-upsampled",
     "cls_rollout": "CLS gradient rollout (ULTra_S, target CLS, last block), bilinear to label size, foreground = "
                    "min-max scaled map >= its mean; only where class 0 is background",
+    "mode": "fast modes apply to every ULTra explanation, not to the baselines; with a target stride k > 1 only "
+            "every k-th patch is explained and clustered, the token rule gives each pixel the cluster of the "
+            "nearest explained token, and ITIoU / perturbation use each token's nearest explained map",
 }
+
+#: The fast-mode fields of ``EvalConfig`` and their (exact) defaults: left out of the run key at these values.
+FAST_MODE_DEFAULTS = {"start_block": 1, "compute_dtype": None, "target_stride": 1}
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,10 @@ class EvalConfig:
     ``size``: model input, an int (shorter side, aspect kept, as ``model.preprocess``) or (H, W) exactly;
     ``layers`` as requested (negative from the end); ``weights``: a W checkpoint path, needed by (and
     only by) the scalar ``"learned"`` (W fixes the patch grid: give the (H, W) it was trained at).
+
+    Fast modes (inexact; defaults = exact): ``start_block`` (first block whose attention contributes),
+    ``compute_dtype`` (``"bfloat16"``: the batched backward in that dtype), ``target_stride`` (explain
+    every k-th patch along rows and columns only).
     """
 
     size: Union[int, Tuple[int, int]] = 224
@@ -112,6 +129,9 @@ class EvalConfig:
     perturb_k: int = 10
     weights: Optional[str] = None
     seed: int = 0
+    start_block: int = 1
+    compute_dtype: Optional[str] = None
+    target_stride: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -149,6 +169,18 @@ class EvalConfig:
             raise ValueError(f"taus repeat: {list(self.taus)}")
         if not isinstance(self.perturb_k, int) or self.perturb_k < 1:
             raise ValueError(f"perturb_k must be a positive int; got {self.perturb_k!r}")
+        for name in ("start_block", "target_stride"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)} or None (exact); got "
+                             f"{self.compute_dtype!r}")
+
+    @property
+    def fast_modes(self) -> Dict[str, Any]:
+        """The fast-mode fields that differ from their exact defaults (empty: the exact mode)."""
+        return {k: getattr(self, k) for k, v in FAST_MODE_DEFAULTS.items() if getattr(self, k) != v}
 
     @property
     def primary_threshold(self) -> float:
@@ -162,6 +194,20 @@ def ultra_key(scalar: str, layer: int, assign: str, threshold: float) -> str:
 
 def maps_key(scalar: str, layer: int) -> str:
     return f"{scalar}|L{layer}"
+
+
+def mode_of(key: Dict[str, Any]) -> Dict[str, Any]:
+    """The mode a run key was made in: every fast-mode field (defaults filled in) and a readable name."""
+    mode: Dict[str, Any] = {k: key.get(k, v) for k, v in FAST_MODE_DEFAULTS.items()}
+    parts = []
+    if mode["compute_dtype"] is not None:
+        parts.append(f"{mode['compute_dtype']} backward")
+    if mode["start_block"] != 1:
+        parts.append(f"start block {mode['start_block']}")
+    if mode["target_stride"] != 1:
+        parts.append(f"target stride {mode['target_stride']}")
+    mode["name"] = ", ".join(parts) if parts else "exact"
+    return mode
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +239,9 @@ class RunPlan:
                 "baselines": list(c.baselines), "cls_rollout": self.cls_rollout,
                 "taus": [float(t) for t in c.taus], "perturbation": c.perturbation, "perturb_k": c.perturb_k,
                 "weights": str(Path(c.weights).resolve()) if c.weights else None,
-                "weights_sha256": self.weights_sha256, "seed": c.seed}
+                "weights_sha256": self.weights_sha256, "seed": c.seed,
+                # only where not exact: a cache written before these fields existed keeps its key and digest
+                **c.fast_modes}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -342,6 +390,16 @@ class _Stopwatch:
         self._t = now
 
 
+def nearest_filled(maps: torch.Tensor, positions: Optional[np.ndarray]) -> torch.Tensor:
+    """(n_sub, h, w) maps of the explained patches -> (h*w, h, w): every patch token gets the map of the
+    nearest explained one (``segmentation.nearest_token``); unchanged when every patch was explained."""
+    if positions is None:
+        return maps
+    grid = tuple(maps.shape[1:])
+    nearest = nearest_token(grid_positions(positions, grid, maps.shape[0]), grid, grid)
+    return maps[torch.from_numpy(nearest.reshape(-1))]
+
+
 def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label: np.ndarray) -> Dict[str, Any]:
     """Every number of one image that the summary needs (see the module docstring)."""
     from ..engine import explain
@@ -353,6 +411,8 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     feats = last_layer_tokens(adapter, x)
     patches = pixel_patches(label.shape, grid)
     seed = image_seed(c.seed, sample.name)
+    targets, positions = strided_targets(grid, adapter.num_prefix_tokens, c.target_stride)
+    fast = dict(start_block=c.start_block, compute_dtype=resolve_compute_dtype(c.compute_dtype), targets=targets)
     clock.lap("forward")
 
     p_scalar, p_layer, p_threshold = plan.primary
@@ -361,22 +421,24 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     primary_maps, primary_clusters = None, None
     for scalar in c.scalars:
         for layer in plan.layers:
-            maps = explain(adapter, x, layer=layer, scalar=scalar,
-                           weights=c.weights if scalar == "learned" else None)[0].detach().cpu()
+            maps = explain(adapter, x, layer=layer, scalar=scalar, weights=c.weights if scalar == "learned" else None,
+                           **fast)[0].detach().cpu()
             clock.lap("explain")
-            values = itiou_image(maps, label, tau=c.taus, ignore_index=ignore)
+            every = nearest_filled(maps, positions)
+            values = itiou_image(every, label, tau=c.taus, ignore_index=ignore)
             itiou[maps_key(scalar, layer)] = [float(values[float(t)]) for t in c.taus]
             clock.lap("itiou")
             for z in c.thresholds:
                 for assign in c.assigns:
-                    seg = segment_maps(maps, label.shape, threshold=float(z), assign=assign)
+                    seg = segment_maps(maps, label.shape, threshold=float(z), assign=assign,
+                                       token_positions=positions)
                     ultra[ultra_key(scalar, layer, assign, z)] = segmentation_record(
                         seg.labels, label, C, ignore, patches, feats)
                     if (scalar, layer, float(z)) == (p_scalar, p_layer, p_threshold):
                         primary_clusters = int(seg.token_clusters.max()) + 1
             clock.lap("segment")
             if (scalar, layer) == (p_scalar, p_layer):
-                primary_maps = maps
+                primary_maps = every
 
     baselines: Dict[str, Any] = {}
     n = grid[0] * grid[1]
@@ -416,6 +478,9 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
     if len(layers) != len(config.layers):
         raise ValueError(f"layers {list(config.layers)} name the same block twice (resolved: "
                          f"{[resolve_layer(int(l), adapter.num_blocks) for l in config.layers]})")
+    if config.start_block > min(layers):
+        raise ValueError(f"start_block {config.start_block} lies after layer {min(layers)}: every explained layer "
+                         f"needs start_block <= layer")
     info = {"name": dataset.name, "root": str(Path(dataset.root).resolve()), "split": dataset.split,
             "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
             "ignore_index": int(dataset.ignore_index)}
@@ -593,7 +658,7 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
         "format": FORMAT, "version": VERSION,
         "dataset": key["dataset"], "model": key["model"],
         "settings": {k: v for k, v in key.items() if k not in ("format", "version", "dataset", "model")},
-        "protocols": protocols, "primary": run["primary"], "notes": NOTES,
+        "protocols": protocols, "primary": run["primary"], "mode": mode_of(key), "notes": NOTES,
         "images": {"selected": len(run["images"]), "scored": len(scored), "missing": missing},
         "timing": {"seconds_per_image": float(np.mean(seconds["total"])),
                    "stage_seconds_per_image": {k: float(np.mean(v)) for k, v in seconds.items() if k != "total"},
@@ -608,4 +673,15 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
     results = _clean(results)
     if write:
         write_report(results, out)
+        _write_markdown_with_mode(results, out)
     return results
+
+
+def _write_markdown_with_mode(results: Dict[str, Any], out: Path) -> None:
+    """``results.md`` with the mode named under its title, so no table is read as another mode's."""
+    from .report import to_markdown
+    lines = to_markdown(results).split("\n")
+    mode = results["mode"]
+    lines[2:2] = [f"Mode: **{mode['name']}** (start block {mode['start_block']}, backward dtype "
+                  f"{mode['compute_dtype'] or 'the model dtype'}, target stride {mode['target_stride']}).", ""]
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))

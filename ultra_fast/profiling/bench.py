@@ -86,7 +86,8 @@ def chain_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str
 
 def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int = -1, start_block: int = 1,
               batch: int = 1, repeats: int = 3, warmup: int = 1, segment: bool = False, backend: str = "auto",
-              memory_budget: Optional[int] = None, matmul_n: int = 4096) -> dict:
+              memory_budget: Optional[int] = None, matmul_n: int = 4096,
+              compute_dtype: Optional[torch.dtype] = None) -> dict:
     """Time ``explain`` on random images and report speed, FLOPs, utilisation and peak memory.
 
     Seconds per image are the call's wall time divided by ``batch``. Utilisation is the achieved
@@ -94,13 +95,16 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
     the model's dtype on the same device, measured in this run. Peak memory comes from one extra
     call after the timed ones (``PeakMemory``: CUDA allocator peak, or the process RSS growth on CPU).
     ``segment`` adds the end-to-end segmentation (explain all patches + ``segment_maps``) images/s.
+    ``compute_dtype`` (e.g. bfloat16): the engine's lower-precision backward mode; utilisation is then
+    also given against the matrix product in that dtype.
     """
     from ..engine import explain
     x = random_images(adapter, batch, size)
     grid = adapter.grid_size(x)
     P = adapter.num_prefix_tokens
     tgt = parse_targets(targets, grid, P)
-    kw = dict(layer=layer, start_block=start_block, targets=tgt, backend=backend, memory_budget=memory_budget)
+    kw = dict(layer=layer, start_block=start_block, targets=tgt, backend=backend, memory_budget=memory_budget,
+              compute_dtype=compute_dtype)
     fc = explain_flops(adapter, tuple(x.shape[-2:]), targets=tgt, layer=layer, start_block=start_block,
                        batch=batch, memory_budget=memory_budget)
     device = adapter.device
@@ -114,21 +118,25 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
         "model": adapter.name, "device": str(device), "dtype": str(adapter.dtype).replace("torch.", ""),
         "image_size": list(x.shape[-2:]), "grid": list(grid), "tokens": fc.tokens, "targets": fc.targets,
         "batch": batch, "layer": layer, "start_block": start_block,
-        "chain_backend": chain_backend(backend, device, adapter.dtype),
+        "chain_backend": chain_backend(backend, device, compute_dtype or adapter.dtype),
         "chunk": fc.chunk, "chunks": fc.chunks, "repeats": repeats, "warmup": warmup,
         "seconds_per_image_best": best / batch, "seconds_per_image_median": median / batch,
         "images_per_second": batch / best,
         "flops": fc.total, "flops_per_image": fc.total / batch, "flops_breakdown": fc.as_dict(),
         "achieved_flops_per_second": achieved, "matmul_flops_per_second": rate, "matmul_n": matmul_n,
         "utilisation": achieved / rate,
+        "compute_dtype": None if compute_dtype is None else str(compute_dtype).replace("torch.", ""),
         "peak_memory_bytes": pm.peak_bytes,
         "peak_memory_kind": "cuda max_memory_allocated growth" if device.type == "cuda" else "process RSS growth",
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
     }
+    if compute_dtype is not None and compute_dtype != adapter.dtype:
+        same = matmul_rate(compute_dtype, n=matmul_n, device=device)
+        out.update(matmul_compute_dtype_flops_per_second=same, utilisation_compute_dtype=achieved / same)
     if segment:
         out["segment_images_per_second"] = segment_rate(adapter, x, repeats, warmup, layer=layer,
                                                         start_block=start_block, backend=backend,
-                                                        memory_budget=memory_budget)
+                                                        memory_budget=memory_budget, compute_dtype=compute_dtype)
     return out
 
 
@@ -157,7 +165,9 @@ def format_table(r: dict) -> str:
     """The result as aligned ``name  value`` lines."""
     rows: Sequence[Tuple[str, str]] = [
         ("model", r["model"]),
-        ("device / dtype", f"{r['device']} / {r['dtype']} ({r['torch_threads']} torch threads, "
+        ("device / dtype", f"{r['device']} / {r['dtype']}"
+                           + (f", backward in {r['compute_dtype']}" if r.get("compute_dtype") else "")
+                           + f" ({r['torch_threads']} torch threads, "
                            f"torch {r['torch_version']})"),
         ("image / grid / tokens", f"{r['image_size'][0]}x{r['image_size'][1]} / {r['grid'][0]}x{r['grid'][1]}"
                                   f" / N={r['tokens']}"),
@@ -170,7 +180,9 @@ def format_table(r: dict) -> str:
         ("FLOPs / image", _si(r["flops_per_image"], "FLOP")),
         ("achieved", _si(r["achieved_flops_per_second"], "FLOP/s")),
         (f"matmul {r['matmul_n']}^2", _si(r["matmul_flops_per_second"], "FLOP/s")),
-        ("utilisation", f"{100 * r['utilisation']:.1f} %"),
+        ("utilisation", f"{100 * r['utilisation']:.1f} %" + (
+            f" of fp32; {100 * r['utilisation_compute_dtype']:.1f} % of {r['compute_dtype']}"
+            if "utilisation_compute_dtype" in r else "")),
         ("peak memory", f"{r['peak_memory_bytes'] / 2 ** 20:.1f} MiB ({r['peak_memory_kind']})"),
     ]
     if "segment_images_per_second" in r:

@@ -4,7 +4,8 @@ Output folder layout::
 
     DIR/labels/<name>.png     palette PNG, pixel value = segment id (16-bit grey if > 256 segments)
     DIR/overlays/<name>.png   the image tinted by segment, borders in white
-    DIR/maps/<name>.npz       (--save-maps) maps (n, h, w) float32, token_clusters (h, w), linkage (n-1, 4)
+    DIR/maps/<name>.npz       (--save-maps) maps (n, h, w) float32, token_clusters (h, w), linkage (n-1, 4);
+                              with --target-stride also positions (n_sub,): the row-major patches of the maps
     DIR/manifest.jsonl        one JSON line per input: input, name, status ok|error, outputs, num_segments, seconds
     DIR/run.json              the settings; a restart with other settings is refused
 
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 
 from .cluster import METRICS, min_max
-from .segment import ASSIGN_RULES, segment_maps
+from .segment import (ASSIGN_RULES, COMPUTE_DTYPES, nearest_token, resolve_compute_dtype, segment_maps,
+                      strided_targets)
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
@@ -61,6 +63,9 @@ class SegmentSettings:
     metric: str = "cosine"
     method: str = "average"
     assign: str = "argmax"
+    # Fast modes; at their defaults they are left out of run.json, so folders of older runs resume.
+    compute_dtype: Optional[str] = None
+    target_stride: int = 1
 
     def validate(self) -> None:
         from .cluster import LINKAGES
@@ -84,13 +89,29 @@ class SegmentSettings:
             raise ValueError(f"--size {self.size} is impossible (need >= 1)")
         if int(self.max_tokens) < 2:
             raise ValueError(f"--max-tokens {self.max_tokens} is impossible (need >= 2)")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--compute-dtype {self.compute_dtype!r}: expected one of {sorted(COMPUTE_DTYPES)}")
+        if isinstance(self.target_stride, bool) or not isinstance(self.target_stride, int) or self.target_stride < 1:
+            raise ValueError(f"--target-stride {self.target_stride!r} is impossible (need an int >= 1)")
 
     def explain_kwargs(self, backend: str = "auto") -> dict:
+        """``explain`` options, targets aside (they depend on each image's grid: see ``targets``)."""
         return dict(layer=self.layer, scalar=self.scalar, order=self.order, start_block=self.start_block,
-                    backend=backend, targets="patches")
+                    backend=backend, compute_dtype=resolve_compute_dtype(self.compute_dtype))
+
+    def targets(self, grid: Tuple[int, int], num_prefix: int):
+        """(``explain`` targets, row-major patch positions or None): all patches, or every k-th one."""
+        return strided_targets(grid, num_prefix, self.target_stride)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name, default in FAST_MODE_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
+        return d
+
+
+FAST_MODE_DEFAULTS = {"compute_dtype": None, "target_stride": 1}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,35 +193,52 @@ class ImageResult:
     labels: np.ndarray          # (H, W) int32
     token_clusters: np.ndarray  # (h, w)
     linkage: np.ndarray
-    maps: np.ndarray            # (n, h, w) float32 raw maps
+    maps: np.ndarray            # (n, h, w) float32 raw maps (n_sub with a target stride)
+    positions: Optional[np.ndarray] = None  # (n_sub,) row-major patches of the maps; None: all patches
 
     @property
     def num_segments(self) -> int:
         return int(len(np.unique(self.labels)))
 
 
-def segment_one(maps: torch.Tensor, size: Tuple[int, int], s: SegmentSettings) -> ImageResult:
-    """Segment one image from its (n, h, w) token maps, labels at ``size`` (H, W); memory-safe for huge images."""
+def segment_one(maps: torch.Tensor, size: Tuple[int, int], s: SegmentSettings,
+                positions: Optional[np.ndarray] = None) -> ImageResult:
+    """Segment one image from its (n, h, w) token maps, labels at ``size`` (H, W); memory-safe for huge images.
+
+    ``positions``: the row-major patches whose maps ``maps`` holds (a target stride), or None for all.
+    """
     n, h, w = maps.shape
     H, W = int(size[0]), int(size[1])
     raw = maps.float().cpu().numpy()
-    small = segment_maps(maps, (h, w), s.threshold, s.n_clusters, s.metric, s.method, s.assign)
+    small = segment_maps(maps, (h, w), s.threshold, s.n_clusters, s.metric, s.method, s.assign,
+                         token_positions=positions)
     K = int(small.token_clusters.max()) + 1
     if K * H * W <= FULL_RES_BUDGET:
-        full = segment_maps(maps, (H, W), s.threshold, s.n_clusters, s.metric, s.method, s.assign)
+        full = segment_maps(maps, (H, W), s.threshold, s.n_clusters, s.metric, s.method, s.assign,
+                            token_positions=positions)
         labels = full.labels
+    elif positions is not None and s.assign == "token" and n < h * w:
+        # the cluster of the nearest explained token (segment_maps's rule), already row-chunked
+        ids = small.token_clusters.reshape(-1)[np.asarray(positions)]
+        labels = ids[nearest_token(small.token_positions, (h, w), (H, W))].astype(np.int32)
     else:
         flat = min_max(maps.reshape(n, -1).double().cpu().numpy())
-        labels = labels_chunked(flat, small.token_clusters.reshape(-1), (h, w), (H, W), s.assign)
-    return ImageResult(labels, small.token_clusters, small.linkage, raw)
+        ids = small.token_clusters.reshape(-1)  # the token rule reads the (h, w) grid of ids
+        if positions is not None and s.assign == "argmax":  # ... argmax sums the maps: ids in map order
+            ids = ids[np.asarray(positions)]
+        labels = labels_chunked(flat, ids, (h, w), (H, W), s.assign)
+    return ImageResult(labels, small.token_clusters, small.linkage, raw,
+                       None if positions is None else np.asarray(positions))
 
 
 def segment_tensors(adapter, x: torch.Tensor, sizes: Sequence[Tuple[int, int]], s: SegmentSettings,
                     backend: str = "auto") -> List[ImageResult]:
     """Explain all patch tokens of a batch and segment each image at its original size."""
     from ..engine import explain
-    maps = explain(adapter, x.to(device=adapter.device, dtype=adapter.dtype), **s.explain_kwargs(backend))
-    return [segment_one(m, hw, s) for m, hw in zip(maps, sizes)]
+    x = x.to(device=adapter.device, dtype=adapter.dtype)
+    targets, positions = s.targets(adapter.grid_size(x), adapter.num_prefix_tokens)
+    maps = explain(adapter, x, targets=targets, **s.explain_kwargs(backend))
+    return [segment_one(m, hw, s, positions) for m, hw in zip(maps, sizes)]
 
 
 def segment_image(adapter, image, s: SegmentSettings, backend: str = "auto") -> ImageResult:
@@ -246,7 +284,8 @@ def write_outputs(out_dir: Path, name: str, image: np.ndarray, res: ImageResult,
     if save_maps:
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, maps=res.maps, token_clusters=res.token_clusters, linkage=res.linkage)
+                extra = {} if res.positions is None else {"positions": res.positions}
+                np.savez_compressed(f, maps=res.maps, token_clusters=res.token_clusters, linkage=res.linkage, **extra)
         atomic_write(paths["maps"], write)
     return {k: p.relative_to(out_dir).as_posix() for k, p in paths.items()}
 

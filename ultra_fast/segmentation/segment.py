@@ -1,8 +1,8 @@
-"""Zero-shot segmentation from the maps of all patch tokens (SPEC §4)."""
+"""Zero-shot segmentation from the maps of all patch tokens (SPEC §4), or of a strided subset of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,6 +11,22 @@ import torch.nn.functional as F
 from .cluster import cluster_tokens, min_max
 
 ASSIGN_RULES = ("argmax", "token")
+#: Pixels x explained tokens compared at once by ``nearest_token`` (128 MiB of int64).
+NEAREST_BUDGET = 1 << 24
+
+Positions = Union[np.ndarray, torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
+
+#: Names of the backward dtypes a fast run may ask for (``explain(compute_dtype=...)``); None = exact.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_compute_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None -> None (the exact mode)."""
+    if name is None:
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; expected one of {sorted(COMPUTE_DTYPES)} or none")
+    return COMPUTE_DTYPES[name]
 
 
 @dataclass
@@ -19,34 +35,122 @@ class Segmentation:
 
     labels: (H, W) int32 segment id per pixel, at the requested (original) resolution.
     cluster_maps: (K, H, W) float32 min-max scaled summed maps of each cluster.
-    token_clusters: (h, w) cluster id of every patch token.
-    linkage: (n-1, 4) the dendrogram (scipy format) of the token maps.
+    token_clusters: (h, w) cluster id of every patch token (with a subset of explained tokens: the
+        cluster of the nearest explained token, see ``nearest_token``).
+    linkage: (n-1, 4) the dendrogram (scipy format) of the clustered token maps.
+    token_positions: (n_sub, 2) (row, col) of the explained tokens, in map order; None when all were.
     """
 
     labels: np.ndarray
     cluster_maps: np.ndarray
     token_clusters: np.ndarray
     linkage: np.ndarray
+    token_positions: Optional[np.ndarray] = None
 
     @property
     def num_segments(self) -> int:
         return int(len(np.unique(self.labels)))
 
 
+def strided_targets(grid: Tuple[int, int], num_prefix: int, stride: int):
+    """(``explain`` targets, (n_sub,) row-major patch positions or None) for a target stride: all patches
+    (``"patches"``, None) at 1, else every ``stride``-th patch along rows and columns."""
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+        raise ValueError(f"target_stride must be a positive int; got {stride!r}")
+    if stride == 1:
+        return "patches", None
+    from ..profiling.bench import stride_targets
+    tokens = stride_targets((int(grid[0]), int(grid[1])), num_prefix, int(stride))
+    return tokens, np.asarray(tokens, dtype=np.int64) - num_prefix
+
+
+def grid_positions(token_positions: Positions, grid: Tuple[int, int], count: Optional[int] = None) -> np.ndarray:
+    """(n_sub, 2) int64 (row, col) of the given patches: row-major patch indices (n_sub,) or (row, col)
+    pairs (n_sub, 2) on the (h, w) grid. Refuses out-of-grid, repeated or non-integer positions, and a
+    count other than ``count`` (the number of maps)."""
+    pos = token_positions.detach().cpu().numpy() if isinstance(token_positions, torch.Tensor) \
+        else np.asarray(token_positions)
+    h, w = int(grid[0]), int(grid[1])
+    if pos.size and not np.issubdtype(pos.dtype, np.integer):
+        raise TypeError(f"token_positions must hold integers (patch indices or (row, col)); got dtype {pos.dtype}")
+    pos = pos.astype(np.int64)
+    if pos.ndim == 1:
+        if pos.size and (pos.min() < 0 or pos.max() >= h * w):
+            raise ValueError(f"token_positions: patch indices must lie in 0..{h * w - 1} (the {h}x{w} grid); "
+                             f"got {pos.min()}..{pos.max()}")
+        pos = np.stack([pos // w, pos % w], axis=1)
+    elif pos.ndim == 2 and pos.shape[1] == 2:
+        if pos.size and ((pos < 0).any() or (pos[:, 0] >= h).any() or (pos[:, 1] >= w).any()):
+            raise ValueError(f"token_positions: (row, col) pairs must lie in the {h}x{w} grid")
+    else:
+        raise ValueError(f"token_positions must be (n_sub,) patch indices or (n_sub, 2) (row, col) pairs; got "
+                         f"shape {pos.shape}")
+    if count is not None and len(pos) != count:
+        raise ValueError(f"{len(pos)} token_positions for {count} maps")
+    if len(pos) == 0:
+        raise ValueError("token_positions is empty: at least one explained token is needed")
+    if len(np.unique(pos[:, 0] * w + pos[:, 1])) != len(pos):
+        raise ValueError("token_positions repeat a patch")
+    return pos
+
+
+def nearest_token(positions: np.ndarray, grid: Tuple[int, int], size: Tuple[int, int]) -> np.ndarray:
+    """(H, W) int64: for each pixel of an H x W image laid over the (h, w) patch grid, the index (into
+    ``positions``, (n_sub, 2) rows/cols) of the explained patch whose centre is nearest to the pixel's
+    centre (Euclidean, in patch units); ties go to the smallest row-major patch index.
+
+    Pixel (y, x) has its centre at ((y + 1/2) h/H, (x + 1/2) w/W) and patch (r, c) at (r + 1/2, c + 1/2);
+    at H, W = h, w the pixels are the patches, so every explained patch is its own nearest.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    H, W = int(size[0]), int(size[1])
+    order = np.argsort(positions[:, 0] * w + positions[:, 1], kind="stable")  # argmin keeps the first: ties
+    # Squared distance times (2HW)^2 is an integer: compared in int64, ties are exact; float64 only where
+    # that could overflow (images of many thousand pixels a side), where near-ties may round either way.
+    bound = 4 * (H * h * W) ** 2 + 4 * (W * w * H) ** 2
+    dtype = torch.int64 if bound < 2 ** 62 else torch.float64
+    r = torch.from_numpy(positions[order, 0]).to(dtype)
+    c = torch.from_numpy(positions[order, 1]).to(dtype)
+    ys = torch.arange(H, dtype=dtype)
+    xs = torch.arange(W, dtype=dtype)
+    dy = (((2 * ys + 1) * h).unsqueeze(1) - ((2 * r + 1) * H).unsqueeze(0)).square() * (W * W)  # (H, n_sub)
+    dx = (((2 * xs + 1) * w).unsqueeze(1) - ((2 * c + 1) * W).unsqueeze(0)).square() * (H * H)  # (W, n_sub)
+    out = np.empty((H, W), dtype=np.int64)
+    step = max(1, NEAREST_BUDGET // max(1, W * len(order)))
+    for y0 in range(0, H, step):
+        d = dy[y0:y0 + step].unsqueeze(1) + dx.unsqueeze(0)  # (rows, W, n_sub)
+        out[y0:y0 + step] = d.argmin(-1).numpy()
+    return order[out]
+
+
 def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[float] = 0.4,
                  n_clusters: Optional[int] = None, metric: str = "cosine", method: str = "average",
-                 assign: str = "argmax", interpolation: str = "bilinear") -> Segmentation:
+                 assign: str = "argmax", interpolation: str = "bilinear",
+                 token_positions: Optional[Positions] = None) -> Segmentation:
     """Segment one image from the (n, h, w) maps of its n patch tokens (row-major token order).
 
-    ``assign="argmax"`` (the paper): each pixel takes the cluster whose summed, upsampled, min-max
-    scaled map is largest there. ``assign="token"``: each pixel takes the cluster of the token whose
-    patch it lies in.
+    ``token_positions`` (a fast mode: only some tokens explained, e.g. every k-th patch): the patches
+    whose maps ``maps`` holds, (n_sub,) row-major patch indices or (n_sub, 2) (row, col) pairs in map
+    order; ``maps`` is then (n_sub, h, w) and the clustering runs on those maps only.
+
+    ``assign="argmax"`` (the paper): each pixel takes the cluster whose summed (over its member maps),
+    upsampled, min-max scaled map is largest there. ``assign="token"``: each pixel takes the cluster of
+    the token whose patch it lies in (torch's nearest resize of the token grid); with a subset of
+    tokens, the cluster of the explained token whose patch centre is nearest to the pixel's centre
+    (``nearest_token``; when the subset covers every patch, the plain rule).
     """
     if assign not in ASSIGN_RULES:
         raise ValueError(f"unknown assign rule {assign!r}; expected one of {ASSIGN_RULES}")
+    if maps.dim() != 3:
+        raise ValueError(f"maps must be (n, h, w), one grid-resolution map per token; got shape {tuple(maps.shape)}")
     n, h, w = maps.shape
-    if n != h * w:
-        raise ValueError(f"expected the maps of all {h * w} patch tokens, got {n}")
+    pos = None
+    if token_positions is None:
+        if n != h * w:
+            raise ValueError(f"expected the maps of all {h * w} patch tokens, got {n} (pass token_positions "
+                             f"for a subset)")
+    else:
+        pos = grid_positions(token_positions, (h, w), n)
     flat = min_max(maps.reshape(n, -1).double().cpu().numpy())
     ids, Z = cluster_tokens(flat, threshold, n_clusters, metric, method)
     K = int(ids.max()) + 1
@@ -57,32 +161,40 @@ def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[
     lo = up.amin((1, 2), keepdim=True)
     span = up.amax((1, 2), keepdim=True) - lo
     cluster_maps = torch.where(span > 0, (up - lo) / span.clamp_min(1e-300), torch.zeros_like(up))
-    token_grid = torch.from_numpy(ids).reshape(1, 1, h, w).double()
+    token_clusters = ids.reshape(h, w) if pos is None else ids[nearest_token(pos, (h, w), (h, w))]
     if assign == "argmax":
-        labels = cluster_maps.argmax(0)
+        labels = cluster_maps.argmax(0).numpy()
+    elif pos is None or n == h * w:
+        token_grid = torch.from_numpy(token_clusters).reshape(1, 1, h, w).double()
+        labels = F.interpolate(token_grid, size=tuple(size), mode="nearest")[0, 0].long().numpy()
     else:
-        labels = F.interpolate(token_grid, size=tuple(size), mode="nearest")[0, 0].long()
-    return Segmentation(labels.numpy().astype(np.int32), cluster_maps.float().numpy(),
-                        ids.reshape(h, w), Z)
+        labels = ids[nearest_token(pos, (h, w), size)]
+    return Segmentation(labels.astype(np.int32), cluster_maps.float().numpy(), token_clusters, Z, pos)
 
 
 def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int]]] = None,
             threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None, metric: str = "cosine",
             method: str = "average", assign: str = "argmax", interpolation: str = "bilinear",
-            **explain_kwargs) -> List[Segmentation]:
-    """Explain every patch token of each image and segment it; one ``Segmentation`` per image.
+            target_stride: int = 1, **explain_kwargs) -> List[Segmentation]:
+    """Explain the patch tokens of each image and segment it; one ``Segmentation`` per image.
 
     ``sizes``: the (H, W) of each original image (labels come at that resolution); default: the
-    input tensor's size. ``explain_kwargs`` go to ``ultra_fast.explain`` (layer, scalar, order, ...).
+    input tensor's size. ``target_stride`` k > 1 (a fast mode, about k² times fewer targets): explain
+    only every k-th patch along rows and columns and segment from those maps (see ``segment_maps``).
+    ``explain_kwargs`` go to ``ultra_fast.explain`` (layer, scalar, order, start_block, compute_dtype, ...).
     """
     from ..engine import explain
+    from ..models import wrap
     explain_kwargs.setdefault("targets", "patches")
     if explain_kwargs["targets"] != "patches":
-        raise ValueError("segmentation needs the maps of all patch tokens (targets='patches')")
-    maps = explain(model, images, **explain_kwargs)
+        raise ValueError("segmentation explains patch tokens itself (targets='patches'; see target_stride)")
+    adapter = wrap(model)
+    targets, positions = strided_targets(adapter.grid_size(images), adapter.num_prefix_tokens, target_stride)
+    explain_kwargs["targets"] = targets
+    maps = explain(adapter, images, **explain_kwargs)
     if sizes is None:
         sizes = [tuple(images.shape[-2:])] * images.shape[0]
     if len(sizes) != images.shape[0]:
         raise ValueError(f"{len(sizes)} sizes for {images.shape[0]} images")
-    return [segment_maps(m, s, threshold, n_clusters, metric, method,
-                         assign, interpolation) for m, s in zip(maps, sizes)]
+    return [segment_maps(m, s, threshold, n_clusters, metric, method, assign, interpolation, positions)
+            for m, s in zip(maps, sizes)]
