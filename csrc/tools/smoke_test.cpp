@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <iostream>
+#include <vector>
 
 namespace {
 
@@ -14,6 +15,12 @@ at::Tensor call(const char* name, std::initializer_list<at::Tensor> args) {
   std::vector<c10::IValue> stack(args.begin(), args.end());
   op.callBoxed(&stack);
   return stack.at(0).toTensor();
+}
+
+// An in-place op with no outputs (schema "-> ()"): its effect is on the first argument.
+void call_inplace(const char* name, std::vector<c10::IValue> stack) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  op.callBoxed(&stack);
 }
 
 bool close(const char* what, const at::Tensor& a, const at::Tensor& b) {
@@ -42,5 +49,17 @@ int main() {
   ok &= close("rollout_step", call("ultra_fast::rollout_step", {v, G, A}),
               v + at::matmul(v.unsqueeze(-2), C).squeeze(-2));
   ok &= close("paper_step", call("ultra_fast::paper_step", {P, G, A}), P + at::matmul(C, P));
+
+  const at::Tensor g = at::randn({B, H, T, N, N}, opts);  // one cotangent of A per target
+  const at::Tensor gs = g.clone();
+  call_inplace("ultra_fast::softmax_backward_", {gs, A});
+  const at::Tensor a = A.unsqueeze(2);
+  ok &= close("softmax_backward_", gs, a * (g - (g * a).sum(-1, true)));
+  const at::Tensor gw = at::randn({T, B, N, 8}, opts), xhat = at::randn({B, N, 8}, opts);
+  const at::Tensor rstd = at::rand({B, N, 1}, opts), res = at::randn({T, B, N, 8}, opts);
+  const at::Tensor out = gw.clone();
+  call_inplace("ultra_fast::layer_norm_backward_", {out, xhat, rstd, res});
+  ok &= close("layer_norm_backward_", out,
+              rstd * (gw - gw.mean(-1, true) - xhat * (gw * xhat).mean(-1, true)) + res);
   return ok ? 0 : 1;
 }
