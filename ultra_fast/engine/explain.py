@@ -71,6 +71,7 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
         return block_backward(spec, A, saved, g, consume_G, need_input_grad, ops)
     if isinstance(g, tuple):
         g = seed_cotangents(*g)
+    g = g.to(x.dtype)  # a block autograd must handle runs at full precision even under compute_dtype
     x = x.detach().requires_grad_(need_input_grad)
     with torch.enable_grad():
         out, attn = adapter.block(index, x)
