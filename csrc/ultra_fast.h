@@ -53,9 +53,12 @@ inline void check_v(const char* op, const at::Tensor& v, const at::Tensor& G, co
   TORCH_CHECK(v.dim() == 3 && v.size(0) == d.B && v.size(1) == d.T && v.size(2) == d.N, op,
               ": v must have shape (B, T, N) matching G (B, T, H, N, N) = ", G.sizes(),
               "; got v ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == G.scalar_type(), op,
-              ": v, G and A must have the same dtype; got v ", v.scalar_type(), " and G ",
-              G.scalar_type());
+  // A float32 chain state may go with a bfloat16/float16 G (the engine's compute_dtype mode).
+  const bool mixed = v.scalar_type() == at::kFloat &&
+                     (G.scalar_type() == at::kBFloat16 || G.scalar_type() == at::kHalf);
+  TORCH_CHECK(v.scalar_type() == G.scalar_type() || mixed, op,
+              ": v must have G's dtype (or float32 with a bfloat16/float16 G); got v ",
+              v.scalar_type(), " and G ", G.scalar_type());
   TORCH_CHECK(v.device() == G.device(), op,
               ": all inputs must be on the same device; got v on ", v.device(), " and G on ",
               G.device());

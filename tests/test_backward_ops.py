@@ -145,3 +145,19 @@ def test_cuda_matches_cpu_formula(dtype):
         expected = ref.layer_norm_backward_(grad.double().cpu().clone(), xhat.double().cpu(), rstd.double().cpu(),
                                             res.double().cpu())
         close(ops.layer_norm_backward_(grad, xhat, rstd, res).cpu(), expected, dtype)
+
+
+@needs_native
+def test_rollout_step_float32_state_with_bfloat16_G_cpu():
+    """explain(compute_dtype=bfloat16) keeps the chain state in float32 with a bf16 G."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, N = 1, 6, 3, 29
+    v = torch.randn(B, T, N, generator=g, dtype=torch.float64)
+    G = torch.randn(B, T, H, N, N, generator=g, dtype=torch.float64).bfloat16()
+    A = torch.rand(B, H, N, N, generator=g, dtype=torch.float64).softmax(-1).bfloat16()
+    out = ops.rollout_step(v.float(), G, A)
+    assert out.dtype == torch.float32
+    expected = ref.rollout_step(v.float().double(), G.double(), A.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="float32 with a bfloat16"):
+        ops.rollout_step(v, G, A)  # float64 state with bf16 G is not a supported mix

@@ -209,8 +209,10 @@ if _LOADED:
             v.dim() == 3 and v.shape[0] == B and v.shape[1] == T and v.shape[2] == N,
             lambda: f"rollout_step: v must have shape (B, T, N) matching G (B, T, H, N, N) = "
                     f"{list(G.shape)}; got v {list(v.shape)}")
-        torch._check(v.dtype == G.dtype and v.device == G.device,
-                     lambda: "rollout_step: v, G and A must have the same dtype and device")
+        mixed = v.dtype == torch.float32 and G.dtype in (torch.bfloat16, torch.float16)
+        torch._check((v.dtype == G.dtype or mixed) and v.device == G.device,
+                     lambda: "rollout_step: v must have G's dtype (or float32 with a bfloat16/float16 G) "
+                             "and its device")
         return v.new_empty((B, T, N))
 
     @torch.library.register_fake("ultra_fast::paper_step")

@@ -60,10 +60,11 @@ struct Strides {
 // rollout_step: for nt targets t0..t0+nt-1 of one image,
 //   out[t, m] = v[t, m] + (1/H) * sum_{h, n} v[t, n] * relu(G[t, h, n, m]) * A[h, n, m]
 // acc: scratch of nt * N elements. out: contiguous rows of length N.
-template <typename T, typename Acc>
-UF_INLINE void rollout_tile_impl(int64_t nt, int64_t H, int64_t N, const T* v, const T* G,
+// T: G and A; V: v and out (T, or float32 for a bfloat16 G with a float32 chain state); Acc: sums.
+template <typename T, typename V, typename Acc>
+UF_INLINE void rollout_tile_impl(int64_t nt, int64_t H, int64_t N, const V* v, const T* G,
                                  const T* A, const Strides& s, Acc* UF_RESTRICT acc,
-                                 T* UF_RESTRICT out) {
+                                 V* UF_RESTRICT out) {
   std::fill(acc, acc + nt * N, Acc(0));
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t n = 0; n < N; ++n) {
@@ -82,15 +83,15 @@ UF_INLINE void rollout_tile_impl(int64_t nt, int64_t H, int64_t N, const T* v, c
   }
   const Acc Hs = static_cast<Acc>(H);
   for (int64_t tt = 0; tt < nt; ++tt) {
-    const T* vt = v + tt * s.vt;
+    const V* vt = v + tt * s.vt;
     const Acc* o = acc + tt * N;
-    T* r = out + tt * N;
+    V* r = out + tt * N;
     if (s.vn == 1) {
       UF_SIMD
-      for (int64_t m = 0; m < N; ++m) r[m] = static_cast<T>(static_cast<Acc>(vt[m]) + o[m] / Hs);
+      for (int64_t m = 0; m < N; ++m) r[m] = static_cast<V>(static_cast<Acc>(vt[m]) + o[m] / Hs);
     } else {
       for (int64_t m = 0; m < N; ++m) {
-        r[m] = static_cast<T>(static_cast<Acc>(vt[m * s.vn]) + o[m] / Hs);
+        r[m] = static_cast<V>(static_cast<Acc>(vt[m * s.vn]) + o[m] / Hs);
       }
     }
   }
@@ -98,17 +99,23 @@ UF_INLINE void rollout_tile_impl(int64_t nt, int64_t H, int64_t N, const T* v, c
 
 UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const float* v, const float* G,
                             const float* A, const Strides& s, float* acc, float* out) {
-  rollout_tile_impl<float, float>(nt, H, N, v, G, A, s, acc, out);
+  rollout_tile_impl<float, float, float>(nt, H, N, v, G, A, s, acc, out);
 }
 UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const double* v, const double* G,
                             const double* A, const Strides& s, double* acc, double* out) {
-  rollout_tile_impl<double, double>(nt, H, N, v, G, A, s, acc, out);
+  rollout_tile_impl<double, double, double>(nt, H, N, v, G, A, s, acc, out);
 }
 // bfloat16 inputs, float32 accumulation (the bfloat16 engine mode).
 UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const c10::BFloat16* v,
                             const c10::BFloat16* G, const c10::BFloat16* A, const Strides& s,
                             float* acc, c10::BFloat16* out) {
-  rollout_tile_impl<c10::BFloat16, float>(nt, H, N, v, G, A, s, acc, out);
+  rollout_tile_impl<c10::BFloat16, c10::BFloat16, float>(nt, H, N, v, G, A, s, acc, out);
+}
+// bfloat16 G and A, float32 chain state v (explain(compute_dtype=bfloat16) keeps the state in float32).
+UF_CLONES void rollout_tile(int64_t nt, int64_t H, int64_t N, const float* v,
+                            const c10::BFloat16* G, const c10::BFloat16* A, const Strides& s,
+                            float* acc, float* out) {
+  rollout_tile_impl<c10::BFloat16, float, float>(nt, H, N, v, G, A, s, acc, out);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,20 +249,25 @@ at::Tensor rollout_step_cpu(const at::Tensor& v, const at::Tensor& G_, const at:
   const int64_t ttiles = (d.T + tile - 1) / tile;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, G.scalar_type(), "ultra_fast::rollout_step (CPU)", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
     const scalar_t* Gp = G.const_data_ptr<scalar_t>();
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();
-    scalar_t* Op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, d.B * ttiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(static_cast<size_t>(tile * d.N));
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t b = w / ttiles;
-        const int64_t t0 = (w % ttiles) * tile;
-        const int64_t nt = std::min(tile, d.T - t0);
-        rollout_tile(nt, d.H, d.N, vp + b * s.vb + t0 * s.vt, Gp + b * s.Gb + t0 * s.Gt,
-                     Ap + b * s.Ab, s, acc.data(), Op + (b * d.T + t0) * d.N);
-      }
-    });
+    auto run = [&](const auto* vp, auto* Op) {
+      at::parallel_for(0, d.B * ttiles, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> acc(static_cast<size_t>(tile * d.N));
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t b = w / ttiles;
+          const int64_t t0 = (w % ttiles) * tile;
+          const int64_t nt = std::min(tile, d.T - t0);
+          rollout_tile(nt, d.H, d.N, vp + b * s.vb + t0 * s.vt, Gp + b * s.Gb + t0 * s.Gt,
+                       Ap + b * s.Ab, s, acc.data(), Op + (b * d.T + t0) * d.N);
+        }
+      });
+    };
+    if (v.scalar_type() == G.scalar_type()) {
+      run(v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+    } else {
+      run(v.const_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>());  // float32 state, bfloat16 G
+    }
   });
   return out;
 }

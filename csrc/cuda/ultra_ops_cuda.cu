@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <sstream>
 
 namespace ultra_fast {
@@ -67,10 +68,11 @@ __global__ void contribution_kernel(const scalar_t* __restrict__ G, const scalar
 constexpr int kTileM = 32;
 constexpr int kRows = 8;
 
-template <typename scalar_t, typename acc_t>
+// v_t: the chain state's dtype (scalar_t, or float32 with a bfloat16/float16 G).
+template <typename scalar_t, typename v_t, typename acc_t>
 __global__ void __launch_bounds__(kTileM* kRows)
-    rollout_kernel(const scalar_t* __restrict__ v, const scalar_t* __restrict__ G,
-                   const scalar_t* __restrict__ A, scalar_t* __restrict__ out, int64_t T,
+    rollout_kernel(const v_t* __restrict__ v, const scalar_t* __restrict__ G,
+                   const scalar_t* __restrict__ A, v_t* __restrict__ out, int64_t T,
                    int64_t H, int64_t N, int64_t m_tiles, int64_t svb, int64_t svt, int64_t svn,
                    int64_t sGb, int64_t sGt, int64_t sGh, int64_t sGn, int64_t sAb, int64_t sAh,
                    int64_t sAn) {
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kTileM* kRows)
   const int64_t m = tile * kTileM + tx;
   const bool active = m < N;
 
-  const scalar_t* vrow = v + b * svb + t * svt;
+  const v_t* vrow = v + b * svb + t * svt;
   const scalar_t* Gbt = G + b * sGb + t * sGt;
   const scalar_t* Ab = A + b * sAb;
 
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(kTileM* kRows)
 #pragma unroll
     for (int k = 0; k < kRows; ++k) sum += partial[k][tx];
     const acc_t vm = static_cast<acc_t>(vrow[m * svn]);
-    out[bt * N + m] = static_cast<scalar_t>(vm + sum / static_cast<acc_t>(H));
+    out[bt * N + m] = static_cast<v_t>(vm + sum / static_cast<acc_t>(H));
   }
 }
 
@@ -180,12 +182,19 @@ at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, G.scalar_type(), "ultra_fast::rollout_step (CUDA)", [&] {
         using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-        rollout_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(blocks), threads, 0,
-                                          stream>>>(
-            v.const_data_ptr<scalar_t>(), G.const_data_ptr<scalar_t>(),
-            A.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), d.T, d.H, d.N,
-            m_tiles, v.stride(0), v.stride(1), v.stride(2), G.stride(0), G.stride(1),
-            G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+        auto launch = [&](const auto* vp, auto* op) {
+          using v_t = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+          rollout_kernel<scalar_t, v_t, acc_t><<<static_cast<unsigned int>(blocks), threads, 0,
+                                                 stream>>>(
+              vp, G.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), op, d.T, d.H, d.N,
+              m_tiles, v.stride(0), v.stride(1), v.stride(2), G.stride(0), G.stride(1),
+              G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+        };
+        if (v.scalar_type() == G.scalar_type()) {
+          launch(v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+        } else {  // float32 state with a reduced-precision G (checked in check_v)
+          launch(v.const_data_ptr<float>(), out.mutable_data_ptr<float>());
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;

@@ -93,11 +93,16 @@ def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, b
         state = torch.eye(N, dtype=rows.dtype, device=rows.device).expand(B, T, N, N).contiguous()
     step = ops.rollout_step if order == "rollout" else ops.paper_step
 
+    # A lower-precision backward (compute_dtype) hands G and A over in its dtype; the chain state stays in
+    # the model's dtype. The native rollout step takes that mix (float32 state, bf16 G) directly.
+    mixed_ok = order == "rollout" and ops is not reference_ops and rows.dtype == torch.float32
+
     def consume(G: torch.Tensor, A: torch.Tensor) -> None:
         nonlocal state
-        # (B, T, H, N, N) view; the ops take strides as they are. A lower-precision backward hands G over
-        # in its dtype; the chain state stays in the model's dtype between blocks.
-        state = step(state.to(G.dtype), G.transpose(0, 1), A).to(rows.dtype)
+        G = G.transpose(0, 1)  # (B, T, H, N, N) view; the ops take strides as they are
+        if G.dtype != state.dtype and not mixed_ok:
+            G, A = G.to(state.dtype), A.to(state.dtype)
+        state = step(state, G, A)
 
     g = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
     first = start_block - 1
