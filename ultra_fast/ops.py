@@ -109,12 +109,13 @@ def rollout_step(v: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Ten
     A[b, h, n, m]`` reading G once, without materialising the (N, N) contribution.
 
     Args:
-        v: (B, T, N) row vectors, or (T, N).
+        v: (B, T, N) row vectors, or (T, N); G's dtype, or float32 with a bfloat16/float16 G (the
+            engine's ``compute_dtype`` mode keeps its chain state in float32).
         G: (B, T, H, N, N), or (T, H, N, N).
         A: (B, H, N, N), or (H, N, N).
 
     Returns:
-        (B, T, N), or (T, N) for unbatched inputs.
+        (B, T, N) in v's dtype, or (T, N) for unbatched inputs.
     """
     _require()
     unbatched = A.dim() == 3
