@@ -18,3 +18,18 @@ def assets_dir(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def explain_spy(monkeypatch):
+    """Records the keyword arguments of every ``ultra_fast.engine.explain`` call (the real one runs)."""
+    import ultra_fast.engine
+    real = ultra_fast.engine.explain
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
+    return calls

@@ -293,21 +293,6 @@ def test_tree_command(ws, tmp_path):
 # Fast modes: --compute-dtype and --target-stride reach explain; old run.json files stay valid
 
 
-@pytest.fixture
-def explain_spy(monkeypatch):
-    """Records the keyword arguments of every ``ultra_fast.engine.explain`` call (the real one runs)."""
-    import ultra_fast.engine
-    real = ultra_fast.engine.explain
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
-    return calls
-
-
 def _small_images(d, sizes=((40, 60), (45, 45))):
     d.mkdir(parents=True)
     rng = np.random.default_rng(0)

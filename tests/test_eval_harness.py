@@ -228,18 +228,11 @@ def test_default_fast_modes_keep_old_run_keys_and_caches_valid(tmp_path, tiny_mo
                                                      "target_stride": 2}), out, progress=False)
 
 
-def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tiny_model, monkeypatch):
-    import ultra_fast.engine
+def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tiny_model, explain_spy):
+    from ultra_fast import explain as real  # the package-level name is not the spied one
     from ultra_fast.segmentation.segment import nearest_token
     ds = _folder_dataset(tmp_path / "data", n=1)
-    real = ultra_fast.engine.explain
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
+    calls = explain_spy
     config = EvalConfig(**{**TINY, "start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2})
     out = tmp_path / "out"
     res = run_evaluation(tiny_model, ds, config, out, progress=False)

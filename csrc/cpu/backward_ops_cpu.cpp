@@ -2,6 +2,7 @@
 // float32). Both are memory-bound: one read of each operand row and one write, where the
 // unfused PyTorch formulation makes six to nine passes over tensors of the size of G.
 #include "../ultra_fast.h"
+#include "cpu_kernel_macros.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,12 +12,6 @@
 
 namespace ultra_fast {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define UF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define UF_CLONES
-#endif
 
 // grad[r, :] <- attn[r, :] * (grad[r, :] - <grad[r, :], attn[r, :]>) for `rows` rows of length M.
 template <typename T>

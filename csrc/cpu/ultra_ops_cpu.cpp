@@ -10,6 +10,7 @@
 // vectorised; on x86-64 Linux with GCC the hot functions are compiled for AVX-512, AVX2 and
 // baseline SSE2 and picked at load time (target_clones), so the binary stays portable.
 #include "../ultra_fast.h"
+#include "cpu_kernel_macros.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -22,26 +23,6 @@
 
 namespace ultra_fast {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define UF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define UF_CLONES
-#endif
-
-#if defined(_MSC_VER)
-#define UF_INLINE __forceinline
-#define UF_RESTRICT __restrict
-#else
-#define UF_INLINE inline __attribute__((always_inline))
-#define UF_RESTRICT __restrict__
-#endif
-
-#if defined(_OPENMP)
-#define UF_SIMD _Pragma("omp simd")
-#else
-#define UF_SIMD
-#endif
 
 // relu that propagates NaN like torch.clamp(min=0); compiles to a single max instruction.
 template <typename T>
