@@ -233,3 +233,47 @@ def test_compute_dtype_bfloat16_is_close_to_float32():
     assert not torch.equal(exact, fast)  # it really ran in bf16
     with pytest.raises(ValueError, match="hand-written backward"):
         explain(m, x, compute_dtype=torch.bfloat16, backward="autograd")
+
+
+@pytest.mark.parametrize("model_key", MODEL_KEYS)
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_explained_block_hands_down_low_rank_or_dense_cotangents(model_key, low_rank, monkeypatch):
+    """Both forms of the explained block's input cotangent (``LowRankCotangent`` or dense), forced
+    whatever the token count, give the naive maps; bf16 mode takes the low-rank form too."""
+    from ultra_fast.engine import block_backward as bb
+    monkeypatch.setattr(bb, "low_rank_pays", lambda N, H: low_rank)
+    model, size = zoo.get(model_key)
+    x = zoo.images(size)
+    for kw in (dict(targets="all", scalar="norm"), dict(order="paper", layer=-2, start_block=2, targets=[0, 2])):
+        assert rel_err(explain(model, x, **kw), explain_naive(model, x, **kw)) <= 1e-9
+    if model_key == "dino_s16":
+        m32, _ = zoo.get(model_key, torch.float32)
+        exact = explain(m32, x.float())
+        fast = explain(m32, x.float(), compute_dtype=torch.bfloat16)
+        cos = torch.nn.functional.cosine_similarity(exact.flatten(2), fast.flatten(2), dim=2)
+        assert cos.min() > 0.99, cos.min()
+
+
+def test_low_rank_cotangent_matches_its_dense_form():
+    from ultra_fast.engine.block_backward import LowRankCotangent, _layer_norm_backward_low_rank
+    from ultra_fast.engine.reference_ops import layer_norm_backward_
+    g = torch.Generator().manual_seed(0)
+    T, B, N, r, D, M = 3, 2, 9, 4, 8, 5
+    u, pm = torch.randn(T, B, N, r, generator=g, dtype=torch.float64), torch.randn(T, B, r, D, generator=g,
+                                                                                   dtype=torch.float64)
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    xhat = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    rstd = torch.rand(B, N, 1, generator=g, dtype=torch.float64) + 0.5
+    tok = torch.randint(0, N, (T, B), generator=g)
+    row = torch.nn.functional.one_hot(tok, N).double().unsqueeze(-1)
+    res = torch.randn(T, B, D, generator=g, dtype=torch.float64)
+    u = torch.cat([u, row], -1)  # the last column marks the target's own row
+    pm = torch.cat([pm, torch.randn(T, B, 1, D, generator=g, dtype=torch.float64)], -2)
+    lr = _layer_norm_backward_low_rank(u, pm, xhat, rstd, res)
+    want = layer_norm_backward_(u @ pm, xhat, rstd) + row * res.unsqueeze(-2)
+    assert lr.u.shape[-1] == r + 2
+    assert isinstance(lr, LowRankCotangent)
+    torch.testing.assert_close(lr.dense(), want, rtol=1e-12, atol=1e-12)
+    w = torch.randn(D, M, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(lr.matmul(w), want @ w, rtol=1e-12, atol=1e-12)
+    assert lr.to(torch.float32).p.dtype == torch.float32

@@ -41,9 +41,10 @@ def test_flops_hand_count():
     # one target per chunk: the recompute runs 4 times
     one = explain_flops(tiny_vit(), (32, 32), memory_budget=1)
     assert (one.chunk, one.chunks, one.recompute) == (1, 4, 4 * 13920)
-    # two images, layer 1 only: the explained block is the lowest one (2208 per target)
+    # two images, layer 1 only: the explained block is the lowest one, no input cotangent:
+    # 4dm + 2d² + 2Nd = 512 + 128 + 80 = 720 per target
     two = explain_flops(tiny_vit(), 32, layer=1, batch=2, targets=3, memory_budget=BIG)
-    assert two.backward_matmul == 2 * 3 * 2208 and two.forward == 2 * (49152 + 5920)
+    assert two.backward_matmul == 2 * 3 * 720 and two.forward == 2 * (49152 + 5920)
 
 
 class _NoModuleTracking:
@@ -77,13 +78,15 @@ def torch_counted_flops(model, x, **kw) -> int:
     dict(backward="autograd"),
 ], ids=str)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_flops_match_torch_flop_counter(kw, batch):
+@pytest.mark.parametrize("size", [32, 64], ids=["N5-dense", "N17-low-rank"])
+def test_flops_match_torch_flop_counter(kw, batch, size):
     """The matrix products agree exactly. The one known difference: the pure-PyTorch chain ops run
     v·C̄ (rollout) or C̄·P (paper) as batched products, which FlopCounterMode counts, while the fused
-    native op folds v into its 3·H·N² loop; ``reference_chain_matmul`` is that extra product."""
+    native op folds v into its 3·H·N² loop; ``reference_chain_matmul`` is that extra product.
+    At 64 px (N = 17 > 2H+2) the explained block hands a LowRankCotangent down (``low_rank_pays``)."""
     model = tiny_vit()
-    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    fc = explain_flops(model, 32, batch=batch, memory_budget=kw.get("memory_budget", BIG),
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    fc = explain_flops(model, size, batch=batch, memory_budget=kw.get("memory_budget", BIG),
                        **{k: v for k, v in kw.items() if k != "memory_budget"})
     counted = torch_counted_flops(model, x, memory_budget=kw.get("memory_budget", BIG),
                                   **{k: v for k, v in kw.items() if k != "memory_budget"})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from types import ModuleType
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,60 @@ def _scaled(g: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
     return g if gamma is None else g * gamma
 
 
+@dataclass
+class LowRankCotangent:
+    """T cotangents (T, B, N, D) held as ``u @ p - w * xhat``: what leaves the explained block.
+
+    Before its LayerNorm, the explained block's input cotangent of one target is a sum of 2H+1 outer
+    products: per head, the k path (softmax-backward row ⊗ the target's query) and the v path
+    (attention row ⊗ the target's output cotangent), plus the target's own row. The LayerNorm backward
+    adds one rank-one term (the row means) and a per-row multiple of the normalised input ``xhat``. The
+    block below starts with fc2's transposed product, which then costs r·D·M + N·r·M per target
+    instead of N·D·M (``matmul``).
+    """
+    u: torch.Tensor  # (T, B, N, r)
+    p: torch.Tensor  # (T, B, r, D)
+    w: torch.Tensor  # (T, B, N, 1)
+    xhat: torch.Tensor  # (B, N, D), shared by the targets
+
+    def dense(self) -> torch.Tensor:
+        return torch.matmul(self.u, self.p).addcmul_(self.w, self.xhat, value=-1)
+
+    def matmul(self, weight: torch.Tensor) -> torch.Tensor:
+        """``self.dense() @ weight`` for a (D, M) weight, without the dense (T, B, N, D) product."""
+        return torch.matmul(self.u, torch.matmul(self.p, weight)).addcmul_(self.w, torch.matmul(self.xhat, weight),
+                                                                             value=-1)
+
+    def to(self, dtype: torch.dtype) -> "LowRankCotangent":
+        return LowRankCotangent(*(t.to(dtype) for t in (self.u, self.p, self.w, self.xhat)))
+
+
+def low_rank_pays(num_tokens: int, num_heads: int) -> bool:
+    """Whether the explained block hands a ``LowRankCotangent`` (rank 2H+2) down rather than a dense one."""
+    return 2 * num_heads + 2 < num_tokens
+
+
+def _layer_norm_backward_low_rank(u: torch.Tensor, pm: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
+                                  residual_row: torch.Tensor) -> LowRankCotangent:
+    """``layer_norm_backward_(u @ pm, xhat, rstd) + row ⊗ residual_row`` kept in factored form, rank r + 1.
+
+    u (T, B, N, r) @ pm (T, B, r, D) is the cotangent of the LayerNorm output (weight folded in); u's
+    last column is one-hot at each target's own row, which also carries ``residual_row`` (T, B, D):
+    the two merge into one factor."""
+    D = pm.shape[-1]
+    mean = torch.matmul(u, pm.mean(-1, keepdim=True))  # (T, B, N, 1): mean over D of each row
+    # mean over D of (u @ pm) * xhat, row by row: u · (xhat pmᵀ), with xhat shared by all targets
+    proj = torch.einsum("bnd,tbrd->tbnr", xhat, pm)
+    mean_x = (u * proj).sum(-1, keepdim=True).div_(D)
+    rstd = rstd.reshape(xhat.shape[:-1] + (1,))
+    row = u[..., -1:]
+    rstd_row = (row * rstd).sum(-2, keepdim=True)  # (T, B, 1, 1): rstd at the target's row
+    u2 = torch.cat([u[..., :-1] * rstd, mean.mul_(rstd).neg_(), row], -1)
+    p2 = torch.cat([pm[..., :-1, :], pm.new_ones(pm.shape[:-2] + (1, D)),
+                    pm[..., -1:, :] * rstd_row + residual_row.unsqueeze(-2)], -2)
+    return LowRankCotangent(u2, p2, mean_x.mul_(rstd), xhat)
+
+
 @torch.no_grad()
 def block_forward(p: PreNormBlock, x: torch.Tensor) -> Tuple[torch.Tensor, dict]:
     """The block's attention probabilities (B, H, N, N) and what its backward needs."""
@@ -107,12 +161,12 @@ def cast_block(p: PreNormBlock, attn: torch.Tensor, saved: dict, dtype: torch.dt
 
 
 @torch.no_grad()
-def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Tensor, consume_G: ConsumeG,
+def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: Union[torch.Tensor, LowRankCotangent], consume_G: ConsumeG,
                    need_input_grad: bool = True, ops: ModuleType = reference_ops) -> Optional[torch.Tensor]:
     """Batched vector-Jacobian product of the block for T cotangents at once.
 
     Args:
-        g: (T, B, N, D) cotangents of the block output.
+        g: (T, B, N, D) cotangents of the block output, dense or as a ``LowRankCotangent``.
         consume_G: called once with G (T, B, H, N, N) = dF/dA (a strided view) and A (B, H, N, N);
             G's memory is reused for the softmax backward afterwards, so it must be used there.
         ops: who runs the fused softmax / LayerNorm backward (``ultra_fast.ops`` or ``reference_ops``).
@@ -122,12 +176,17 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
     The attention-internal products run with the targets inside the row dimension, (B, H, T*N, .):
     one large matrix product per head against the shared q, k, v instead of T*H small ones.
     """
+    # MLP branch; layer scale and LayerNorm weight are folded into the weights (see _fold_*).
+    if isinstance(g, LowRankCotangent):
+        gu = g.matmul(_fold_rows(p.fc2_weight, p.ls2))
+        g = g.dense()  # the residual path needs it whole
+    else:
+        gu = F.linear(g, _fold_rows(p.fc2_weight, p.ls2).t())
+    gu.mul_(saved["dact"])
     T, B, N, D = g.shape
     H = p.num_heads
     dh = D // H
     q, k, v = saved["q"], saved["k"], saved["v"]
-    # MLP branch; layer scale and LayerNorm weight are folded into the weights (see _fold_*).
-    gu = F.linear(g, _fold_rows(p.fc2_weight, p.ls2).t()).mul_(saved["dact"])
     gx1 = ops.layer_norm_backward_(F.linear(gu, _fold_columns(p.fc1_weight, p.ln2_weight).t()), saved["xhat2"],
                                    saved["rstd2"], g)
     del gu
@@ -160,12 +219,14 @@ def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: torch.Te
 
 @torch.no_grad()
 def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_row: torch.Tensor,
-                           idx: torch.Tensor, consume_G: ConsumeG, ops: ModuleType = reference_ops) -> torch.Tensor:
+                           idx: torch.Tensor, consume_G: ConsumeG, need_input_grad: bool = True,
+                           ops: ModuleType = reference_ops) -> Union[torch.Tensor, LowRankCotangent, None]:
     """``block_backward`` for cotangents that are non-zero in one row only: the explained block itself.
 
     Target t of image b has its cotangent ``g_row[t, b]`` at row ``idx[b, t]``. Everything before
     the attention mixes rows (the MLP, the output projection, the query path, the gradient of A)
-    then runs on that one row instead of all N, which removes most of this block's work.
+    then runs on that one row instead of all N, which removes most of this block's work. The input
+    cotangent leaves as a ``LowRankCotangent`` where that is cheaper (``low_rank_pays``), else dense.
     """
     T, B, D = g_row.shape
     H = p.num_heads
@@ -181,22 +242,33 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
                                    at("rstd2"), g_row)
     go = F.linear(gx1, _fold_rows(p.proj_weight, p.ls1).t()).view(T, B, H, 1, -1)  # (T, B, H, 1, dh)
     g_attn_row = (go @ v.transpose(-2, -1)).squeeze(-2)  # (T, B, H, N): row idx of dF/dA
-    a_row = attn[bi, :, tok]  # (T, B, H, N)
-    q_row = q.permute(0, 2, 1, 3)[bi, tok]  # (T, B, H, dh)
-    gs_row = a_row * (g_attn_row - (g_attn_row * a_row).sum(-1, keepdim=True))
-    gq_row = (gs_row.unsqueeze(-2) @ k).squeeze(-2) * p.scale  # (T, B, H, dh)
-    gk = gs_row.unsqueeze(-1) * q_row.unsqueeze(-2) * p.scale  # (T, B, H, N, dh)
-    gv = a_row.unsqueeze(-1) * go  # (T, B, H, N, dh)
-    # Dense outputs: G is zero outside row idx; the input cotangent is dense through k and v.
+    # Dense output: G is zero outside row idx.
     G = g_attn_row.new_zeros(T, B, H, N, N)
     G[ti, bi, :, tok] = g_attn_row
     consume_G(G, attn)
     del G
-    width = p.qkv_weight.shape[0] // 3  # qkv rows: [q | k | v], each H*dh wide
-    w_qkv = _fold_columns(p.qkv_weight, p.ln1_weight)
-    gkv = _merge_heads(gk, gv)
-    gh1 = F.linear(gkv, w_qkv[width:].t())
-    gh1[ti, bi, tok] += F.linear(gq_row.reshape(T, B, -1), w_qkv[:width].t())
+    if not need_input_grad:
+        return None
+    a_row = attn[bi, :, tok]  # (T, B, H, N)
+    q_row = q.permute(0, 2, 1, 3)[bi, tok]  # (T, B, H, dh)
+    gs_row = a_row * (g_attn_row - (g_attn_row * a_row).sum(-1, keepdim=True))
+    gq_row = (gs_row.unsqueeze(-2) @ k).squeeze(-2) * p.scale  # (T, B, H, dh)
+    w_q, w_k, w_v = _fold_columns(p.qkv_weight, p.ln1_weight).view(3, H, -1, D).unbind(0)  # (H, dh, D) each
+    gh1_row = F.linear(gq_row.reshape(T, B, -1), w_q.reshape(-1, D).t())  # the query path: row idx only
+    if low_rank_pays(N, H):
+        # The k and v cotangents are one outer product per head (gs_row ⊗ q_row, a_row ⊗ go): keep the
+        # input cotangent factored through the qkv weight and the LayerNorm (LowRankCotangent).
+        pk = torch.einsum("tbhd,hdD->tbhD", q_row * p.scale, w_k)
+        pv = torch.einsum("tbhd,hdD->tbhD", go.squeeze(-2), w_v)
+        row = F.one_hot(tok, N).to(g_row.dtype).unsqueeze(-1)  # (T, B, N, 1)
+        u = torch.cat([gs_row.transpose(-2, -1), a_row.transpose(-2, -1), row], -1)
+        pm = torch.cat([pk, pv, gh1_row.unsqueeze(-2)], -2)
+        return _layer_norm_backward_low_rank(u, pm, saved["xhat1"], saved["rstd1"], gx1)
+    # Few tokens: the dense cotangent is the cheaper form.
+    gk = gs_row.unsqueeze(-1) * q_row.unsqueeze(-2) * p.scale  # (T, B, H, N, dh)
+    gv = a_row.unsqueeze(-1) * go  # (T, B, H, N, dh)
+    gh1 = F.linear(_merge_heads(gk, gv), torch.cat([w_k, w_v]).reshape(-1, D).t())
+    gh1[ti, bi, tok] += gh1_row
     gx = ops.layer_norm_backward_(gh1, saved["xhat1"], saved["rstd1"])
     gx[ti, bi, tok] += gx1
     return gx

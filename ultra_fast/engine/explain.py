@@ -11,7 +11,8 @@ from ..models import Adapter, wrap
 from . import reference_ops
 from .allocator import reuse_freed_memory
 from .backend import get_ops
-from .block_backward import ConsumeG, block_backward, block_backward_one_row, block_forward, cast_block
+from .block_backward import (ConsumeG, LowRankCotangent, block_backward, block_backward_one_row, block_forward,
+                             cast_block)
 from .maps import Size, finalize, resolve_size, upsample
 from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
                       resolve_start)
@@ -50,8 +51,9 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
               compute_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
 
-    ``g`` is a dense (T, B, N, d) tensor, or ``(rows (B, N, d), idx (B, T))`` for the explained block,
-    where target t of image b starts from the single row ``idx[b, t]``. ``consume_G`` receives
+    ``g`` is a dense (T, B, N, d) tensor or the ``LowRankCotangent`` the explained block hands down, or
+    ``(rows (B, N, d), idx (B, T))`` for the explained block, where target t of image b starts from
+    the single row ``idx[b, t]``. ``consume_G`` receives
     G (T, B, H, N, N) = dF/dA and A (B, H, N, N) once; G may be overwritten after it returns.
     ``compute_dtype`` (hand-written backward only): run the backward in this dtype, from a forward
     recomputed in the model's dtype. Returns the input cotangents, or None.
@@ -67,10 +69,12 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
         if isinstance(g, tuple):
             rows, idx = g
             g_row = rows[torch.arange(rows.shape[0], device=idx.device).unsqueeze(0), idx.t()]
-            return block_backward_one_row(spec, A, saved, g_row, idx, consume_G, ops)
+            return block_backward_one_row(spec, A, saved, g_row, idx, consume_G, need_input_grad, ops)
         return block_backward(spec, A, saved, g, consume_G, need_input_grad, ops)
     if isinstance(g, tuple):
         g = seed_cotangents(*g)
+    elif isinstance(g, LowRankCotangent):
+        g = g.dense()
     g = g.to(x.dtype)  # a block autograd must handle runs at full precision even under compute_dtype
     x = x.detach().requires_grad_(need_input_grad)
     with torch.enable_grad():

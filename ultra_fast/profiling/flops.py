@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..engine.options import bytes_per_target, check_order, chunk_size, resolve_layer, resolve_start
+from ..engine.block_backward import low_rank_pays
 from ..models import Adapter, wrap
 
 ImageSize = Union[int, Tuple[int, int]]
@@ -26,7 +27,9 @@ class FlopCount:
     """FLOPs of one ``explain`` call, split by phase (all for the whole batch).
 
     ``forward``: the graph-free forward to the explained layer (patch embedding included).
-    ``recompute``: each chunk's recomputation of blocks s..l (``block_forward``).
+    ``recompute``: each chunk's recomputation of blocks s..l (``block_forward``), and the per-image
+    product the block below the explained one shares between targets (``xhat·W``, see
+    ``LowRankCotangent``).
     ``backward_matmul``: the matrix products of the batched block backward.
     ``chain_ops``: the fused chain ops' arithmetic (rollout_step / paper_step).
     ``reference_chain_matmul``: not part of ``total``: the matrix products the pure-PyTorch chain ops
@@ -114,15 +117,32 @@ def block_forward_flops(N: int, d: int, m: int, with_fc2: bool = True) -> int:
     return 2 * N * (3 * d * d + d * d + mlp) + 4 * N * N * d
 
 
-def explained_block_flops(N: int, d: int, m: int) -> int:
+def explained_block_flops(N: int, d: int, m: int, H: int, need_input_grad: bool) -> int:
     """Backward of the explained block per target, which runs on one row (``block_backward_one_row``)."""
     mlp = 2 * 2 * d * m
     proj = 2 * d * d
     g_row = 2 * N * d  # go · vᵀ for the target's row
+    if not need_input_grad:
+        return mlp + proj + g_row
     gq_row = 2 * N * d  # (softmax-backward row) · k
-    kv_path = 2 * N * 2 * d * d  # dense k/v cotangents through the qkv weight
     q_row = 2 * d * d
+    if low_rank_pays(N, H):
+        r = 2 * H + 1  # k and v per head, the target's row
+        kv_path = 2 * 2 * d * d + 2 * N * r + 2 * N * d * r  # per-head factors; LayerNorm's two row means
+    else:
+        kv_path = 2 * N * 2 * d * d  # dense k/v cotangents through the qkv weight
     return mlp + proj + g_row + gq_row + kv_path + q_row
+
+
+def low_rank_input_flops(N: int, d: int, m: int, H: int, manual: bool) -> Tuple[int, int]:
+    """(per target, per image and chunk) change to the next block's cost when it receives the explained
+    block's ``LowRankCotangent`` (rank r = 2H+2): fc2's transposed product as u·(p·W) - w·(xhat·W) instead
+    of 2·N·d·m, plus the dense form the residual path needs (2·N·r·d). An autograd block only densifies."""
+    r = 2 * H + 2
+    dense = 2 * N * r * d
+    if not manual:
+        return dense, 0
+    return dense + 2 * r * d * m + 2 * N * r * m - 2 * N * d * m, 2 * N * d * m
 
 
 def dense_block_flops(N: int, d: int, m: int, need_input_grad: bool) -> int:
@@ -145,9 +165,12 @@ def explain_flops(model_or_adapter: Union[nn.Module, Adapter], image_size: Image
     weight is folded into the same loop) and additionally 2·N³ for ``paper_step``'s product, plus the
     paper order's final row pick (2·N² per target). LayerNorm, softmax, activations, biases and other
     elementwise work are not counted. The one-row explained block costs per target: MLP 2·2·d·m,
-    proj 2·d², G row 2·N·d, q-gradient row 2·N·d, k/v path 2·N·2d·d, q row 2·d². A dense block
+    proj 2·d², G row 2·N·d, and when the input cotangent is needed q-gradient row 2·N·d, k/v
+    path 2·N·2d·d, q row 2·d². A dense block
     costs per target: MLP 2·2·N·d·m, proj 2·N·d², G 2·N²·d, and when the input cotangent is needed
-    (all but block s) 3·2·N²·d (gv, gq, gk) + 2·N·3d·d (qkv). Recomputation skips fc2, which the
+    (all but block s) 3·2·N²·d (gv, gq, gk) + 2·N·3d·d (qkv). Where the explained block hands a
+    rank-(2H+2) cotangent down (``low_rank_pays``: 2H+2 < N) its k/v path costs 4·d² + 2·N·(2H+1)·(d+1)
+    instead, and the block below runs fc2's product in factored form (``low_rank_input_flops``). Recomputation skips fc2, which the
     backward does not need. Blocks the hand-written backward cannot take (autograd) are counted as a
     full forward and a dense backward, the explained block included. ``targets``: ``"patches"``,
     ``"all"``, ``"prefix"``, a count or token indices. Chunks follow the engine's own rule
@@ -183,7 +206,11 @@ def explain_flops(model_or_adapter: Union[nn.Module, Adapter], image_size: Image
     for b in blocks:
         m = g.mlp_hidden[b]
         if b == l - 1 and g.manual[b]:
-            per_target_bwd += explained_block_flops(N, d, m)
+            per_target_bwd += explained_block_flops(N, d, m, Hh, need_input_grad=b > s - 1)
+            if b > s - 1 and low_rank_pays(N, Hh):
+                below, shared = low_rank_input_flops(N, d, g.mlp_hidden[b - 1], Hh, g.manual[b - 1])
+                per_target_bwd += below
+                recompute += chunks * batch * shared
         else:
             per_target_bwd += dense_block_flops(N, d, m, need_input_grad=b > s - 1)
     nb = len(blocks)
