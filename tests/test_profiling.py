@@ -203,3 +203,23 @@ def test_summarize_ratios():
     table = [r for r in rows if r.startswith("| ultra") or r.startswith("| authors")]
     assert table[0] == "| ultra_fast[native] | float32 | 1.00 s | 1 | 1.00× | 12.0 | 25.0 % | 3 MiB |"
     assert "| 0.50× (2.00× faster) |" in table[1] and "| 24.1× |" in table[2]
+
+
+def test_malloc_reuse_is_on_after_explain_and_the_heap_can_be_given_back():
+    """On glibc the first CPU explain turns off mmap for large blocks and heap trimming (the engine's
+    tensors are reused instead of page-faulted in every block); release_freed_heap gives the kept
+    memory back: the RSS falls after freeing a large tensor."""
+    import os
+    import sys
+    import psutil
+    from ultra_fast.engine import allocator, release_freed_heap
+    if not sys.platform.startswith("linux") or allocator._libc() is None or os.environ.get("ULTRA_FAST_NO_MALLOPT"):
+        pytest.skip("glibc malloc tuning applies on Linux/glibc without ULTRA_FAST_NO_MALLOPT")
+    explain(tiny_vit(), torch.randn(1, 3, 32, 32))
+    assert allocator._applied
+    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB from the heap, touched
+    del x
+    kept = rss()
+    release_freed_heap()
+    assert rss() < kept - (32 << 20)

@@ -1,33 +1,17 @@
 """Peak memory of a block of code: CUDA allocator statistics, or the process RSS sampled on CPU."""
 from __future__ import annotations
 
-import ctypes
-import functools
 import threading
 from typing import Optional, Union
 
 import torch
 
+from ..engine.allocator import release_freed_heap
+
 
 def _rss() -> int:
     import psutil
     return int(psutil.Process().memory_info().rss)
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc where it is the C library
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``), so the RSS at entry is not inflated by
-    memory an earlier computation freed but the allocator kept; a no-op where glibc is absent."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class PeakMemory:
