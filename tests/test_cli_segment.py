@@ -289,6 +289,24 @@ def test_tree_command(ws, tmp_path):
     assert main(["tree", str(ws["in"] / "0_image.png"), "--out", str(out), "--thresholds", "0,1"]) == 2
 
 
+def test_tree_and_demo_take_the_bf16_mode(ws, tmp_path, explain_spy):
+    """``tree`` and ``demo`` pass --compute-dtype on (tree has no --target-stride: its leaves are all
+    patches); demo writes an overlay, a label PNG per photo and the sheet."""
+    from ultra_fast.cli import main
+    model = ["--model", MODEL, "--pretrained", "0", "--checkpoint", str(ws["ck"]), "--size", "64"]
+    assert main(["tree", str(ws["in"] / "0_image.png"), "--out", str(tmp_path / "t.png"), "--thresholds", "0.05",
+                 "--compute-dtype", "bfloat16"] + model) == 0
+    assert explain_spy[-1]["compute_dtype"] is torch.bfloat16
+    with pytest.raises(SystemExit):
+        main(["tree", str(ws["in"] / "0_image.png"), "--target-stride", "2"] + model)
+    out = tmp_path / "demo"
+    assert main(["demo", "--images", "coffee", "--out", str(out), "--compute-dtype", "bfloat16",
+                 "--target-stride", "2"] + model) == 0
+    assert explain_spy[-1]["compute_dtype"] is torch.bfloat16 and len(explain_spy[-1]["targets"]) < 16
+    for name in ("coffee_overlay.png", "coffee_labels.png", "demo_sheet.png"):
+        assert (out / name).is_file(), name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fast modes: --compute-dtype and --target-stride reach explain; old run.json files stay valid
 

@@ -32,12 +32,14 @@ def add_method_args(p: argparse.ArgumentParser, fast_modes: bool = False) -> Non
         add_fast_mode_args(p)
 
 
-def add_fast_mode_args(p: argparse.ArgumentParser) -> None:
-    """``--compute-dtype`` and ``--target-stride``: the inexact fast modes, off by default."""
+def add_fast_mode_args(p: argparse.ArgumentParser, stride: bool = True) -> None:
+    """``--compute-dtype`` and (``stride``) ``--target-stride``: the inexact fast modes, off by default."""
     from ..segmentation.segment import COMPUTE_DTYPES
     p.add_argument("--compute-dtype", default=None, choices=sorted(COMPUTE_DTYPES),
                    help="run the batched backward in this dtype, e.g. bfloat16 (fast, inexact; needs plain "
                         "pre-norm ViT blocks; default: none, the exact mode)")
+    if not stride:
+        return
     p.add_argument("--target-stride", type=int, default=1, metavar="K",
                    help="explain only every K-th patch along rows and columns (~K² fewer targets; default: 1, "
                         "every patch)")

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
                    help="comma-separated scikit-image photos: astronaut, coffee, chelsea, rocket, cat "
                         "(default: %(default)s)")
     add_model_args(p)
-    add_method_args(p)
+    add_method_args(p, fast_modes=True)
     p.set_defaults(size=DEFAULT_SIZE)
     for a in p._actions:
         if a.dest == "size":

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .common import add_method_args, add_model_args, load_model
+from .common import add_fast_mode_args, add_method_args, add_model_args, load_model
 
 DEFAULT_SIZE = 168
 
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
     add_model_args(p)
     add_method_args(p)
+    add_fast_mode_args(p, stride=False)  # the dendrogram's leaves are all patch tokens
     p.set_defaults(size=DEFAULT_SIZE)
     for a in p._actions:
         if a.dest == "size":
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_model(args)
     s = SegmentSettings(size=args.size, layer=args.layer, scalar=args.scalar, order=args.order,
                         start_block=args.start_block, threshold=thresholds[0], metric=args.metric,
-                        method=args.linkage, assign=args.assign)
+                        method=args.linkage, assign=args.assign, compute_dtype=args.compute_dtype)
     s.validate()
     t0 = time.perf_counter()
     res = segment_image(adapter, image, s, backend=args.backend)

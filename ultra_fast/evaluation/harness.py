@@ -673,15 +673,5 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
     results = _clean(results)
     if write:
         write_report(results, out)
-        _write_markdown_with_mode(results, out)
     return results
 
-
-def _write_markdown_with_mode(results: Dict[str, Any], out: Path) -> None:
-    """``results.md`` with the mode named under its title, so no table is read as another mode's."""
-    from .report import to_markdown
-    lines = to_markdown(results).split("\n")
-    mode = results["mode"]
-    lines[2:2] = [f"Mode: **{mode['name']}** (start block {mode['start_block']}, backward dtype "
-                  f"{mode['compute_dtype'] or 'the model dtype'}, target stride {mode['target_stride']}).", ""]
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))

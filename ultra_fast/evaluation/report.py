@@ -49,6 +49,10 @@ def to_markdown(results: Dict[str, Any]) -> str:
     """The report: one table per protocol, then ITIoU and the perturbation test."""
     im, t = results["images"], results["timing"]
     lines = [f"# Evaluation: {context(results)}", ""]
+    mode = results.get("mode")
+    if mode:  # named under the title, so that no table is read as another mode's
+        lines += [f"Mode: **{mode['name']}** (start block {mode['start_block']}, backward dtype "
+                  f"{mode['compute_dtype'] or 'the model dtype'}, target stride {mode['target_stride']}).", ""]
     lines.append(f"Images scored: {im['scored']} of {im['selected']} selected"
                  + (f" (missing: {len(im['missing'])}, e.g. {', '.join(im['missing'][:3])})" if im["missing"] else "")
                  + f"; {t['seconds_per_image']:.1f} s per image on {', '.join(t['devices'])}.")
