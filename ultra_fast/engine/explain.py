@@ -65,7 +65,10 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
         A, saved = block_forward(spec, x)
         if compute_dtype is not None and compute_dtype != x.dtype:
             spec, A, saved = cast_block(spec, A, saved, compute_dtype)
-            g = (g[0].to(compute_dtype), g[1]) if isinstance(g, tuple) else g.to(compute_dtype)
+            if isinstance(g, tuple):
+                g = (g[0].to(compute_dtype), g[1])
+            elif not isinstance(g, LowRankCotangent):  # its factors stay at full precision
+                g = g.to(compute_dtype)
         if isinstance(g, tuple):
             rows, idx = g
             g_row = rows[torch.arange(rows.shape[0], device=idx.device).unsqueeze(0), idx.t()]
