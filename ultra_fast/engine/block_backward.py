@@ -81,16 +81,16 @@ def _scaled(g: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
 class LowRankCotangent:
     """T cotangents (T, B, N, D) held as ``u @ p - w * xhat``: what leaves the explained block.
 
-    The factors stay in float32 (or float64) under a lower ``compute_dtype``: the form subtracts terms
-    that the dense LayerNorm backward subtracts before rounding, and rounding them first to bf16 cost
-    0.8 points of same-segment pixels against fp32 (98.8 % -> 98.0 %).
-
     Before its LayerNorm, the explained block's input cotangent of one target is a sum of 2H+1 outer
     products: per head, the k path (softmax-backward row ⊗ the target's query) and the v path
     (attention row ⊗ the target's output cotangent), plus the target's own row. The LayerNorm backward
     adds one rank-one term (the row means) and a per-row multiple of the normalised input ``xhat``. The
     block below starts with fc2's transposed product, which then costs r·D·M + N·r·M per target
     instead of N·D·M (``matmul``).
+
+    The factors stay in float32 (or float64) under a lower ``compute_dtype``: the form subtracts terms
+    that the dense LayerNorm backward subtracts before rounding, and rounding them to bf16 first cost
+    0.2 points of same-segment pixels against fp32 (``benchmarks/bf16_agreement.py``: 98.0 % vs 98.2 %).
     """
     u: torch.Tensor  # (T, B, N, r)
     p: torch.Tensor  # (T, B, r, D)
@@ -167,8 +167,9 @@ def cast_block(p: PreNormBlock, attn: torch.Tensor, saved: dict, dtype: torch.dt
 
 
 @torch.no_grad()
-def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: Union[torch.Tensor, LowRankCotangent], consume_G: ConsumeG,
-                   need_input_grad: bool = True, ops: ModuleType = reference_ops) -> Optional[torch.Tensor]:
+def block_backward(p: PreNormBlock, attn: torch.Tensor, saved: dict, g: Union[torch.Tensor, LowRankCotangent],
+                   consume_G: ConsumeG, need_input_grad: bool = True,
+                   ops: ModuleType = reference_ops) -> Optional[torch.Tensor]:
     """Batched vector-Jacobian product of the block for T cotangents at once.
 
     Args:
