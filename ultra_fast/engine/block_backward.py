@@ -107,9 +107,6 @@ class LowRankCotangent:
         out = torch.matmul(self.u, torch.matmul(self.p, w)).addcmul_(self.w, torch.matmul(self.xhat, w), value=-1)
         return out.to(weight.dtype)
 
-    def to(self, dtype: torch.dtype) -> "LowRankCotangent":
-        return LowRankCotangent(*(t.to(dtype) for t in (self.u, self.p, self.w, self.xhat)))
-
 
 def low_rank_pays(num_tokens: int, num_heads: int) -> bool:
     """Whether the explained block hands a ``LowRankCotangent`` (rank 2H+2) down rather than a dense one."""
@@ -260,7 +257,8 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     q_row = q.permute(0, 2, 1, 3)[bi, tok]  # (T, B, H, dh)
     gs_row = a_row * (g_attn_row - (g_attn_row * a_row).sum(-1, keepdim=True))
     gq_row = (gs_row.unsqueeze(-2) @ k).squeeze(-2) * p.scale  # (T, B, H, dh)
-    w_q, w_k, w_v = _fold_columns(p.qkv_weight, p.ln1_weight).view(3, H, -1, D).unbind(0)  # (H, dh, D) each
+    w_qkv = _fold_columns(p.qkv_weight, p.ln1_weight)  # rows [q | k | v], each (H, dh)
+    w_q, w_k, w_v = w_qkv.view(3, H, -1, D).unbind(0)  # (H, dh, D) each
     gh1_row = F.linear(gq_row.reshape(T, B, -1), w_q.reshape(-1, D).t())  # the query path: row idx only
     if low_rank_pays(N, H):
         # The k and v cotangents are one outer product per head (gs_row ⊗ q_row, a_row ⊗ go): keep the
@@ -275,7 +273,7 @@ def block_backward_one_row(p: PreNormBlock, attn: torch.Tensor, saved: dict, g_r
     # Few tokens: the dense cotangent is the cheaper form.
     gk = gs_row.unsqueeze(-1) * q_row.unsqueeze(-2) * p.scale  # (T, B, H, N, dh)
     gv = a_row.unsqueeze(-1) * go  # (T, B, H, N, dh)
-    gh1 = F.linear(_merge_heads(gk, gv), torch.cat([w_k, w_v]).reshape(-1, D).t())
+    gh1 = F.linear(_merge_heads(gk, gv), w_qkv[w_qkv.shape[0] // 3:].t())  # the k and v rows
     gh1[ti, bi, tok] += gh1_row
     gx = ops.layer_norm_backward_(gh1, saved["xhat1"], saved["rstd1"])
     gx[ti, bi, tok] += gx1
