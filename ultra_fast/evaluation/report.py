@@ -129,28 +129,39 @@ def _shared_legend(fig, ax) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=9)
 
 
-def plot_layers(results: Dict[str, Any], path: Path) -> Optional[Path]:
-    """mIoU and accuracy vs layer, one line per scalar, one row per protocol (primary assign and ζ)."""
-    s = results["settings"]
-    if len(s["layers"]) < 2:
-        return None
-    assign, z = s["assigns"][0], results["primary"]["threshold"]
+def _per_protocol_figure(results: Dict[str, Any], path: Path, draw: Callable, xlabel: str, title: str) -> Path:
+    """mIoU and accuracy panels, one row per protocol: ``draw(ax, table, metric)`` adds the ULTra lines,
+    then the baselines, axes and one shared legend."""
     protocols = results["protocols"]
     fig, axes = _figure(len(protocols), 2)
     for i, protocol in enumerate(protocols):
         table = results["segmentation"][protocol]
         for j, metric in enumerate(("mIoU", "accuracy")):
             ax = axes[i][j]
-            for scalar in s["scalars"]:
-                pts = sorted((r["layer"], r[metric]) for r in _ultra(table, scalar=scalar, assign=assign, threshold=z)
-                             if r[metric] is not None)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=SCALAR_NAMES.get(scalar, scalar))
+            draw(ax, table, metric)
             _baselines(ax, table, metric)
-            ax.set_xticks(s["layers"])
-            _finish(ax, "layer (tokens after block l)", f"{metric} (%)", f"{metric}, {protocol} protocol", False)
+            _finish(ax, xlabel, f"{metric} (%)", f"{metric}, {protocol} protocol", False)
     _shared_legend(fig, axes[0][0])
-    fig.suptitle(f"{context(results)}\nULTra by layer: assign = {assign}, ζ = {z:g}", fontsize=11)
+    fig.suptitle(f"{context(results)}\n{title}", fontsize=11)
     return _save(fig, path)
+
+
+def plot_layers(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    """mIoU and accuracy vs layer, one line per scalar, one row per protocol (primary assign and ζ)."""
+    s = results["settings"]
+    if len(s["layers"]) < 2:
+        return None
+    assign, z = s["assigns"][0], results["primary"]["threshold"]
+
+    def draw(ax, table, metric):
+        for scalar in s["scalars"]:
+            pts = sorted((r["layer"], r[metric]) for r in _ultra(table, scalar=scalar, assign=assign, threshold=z)
+                         if r[metric] is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=SCALAR_NAMES.get(scalar, scalar))
+        ax.set_xticks(s["layers"])
+
+    return _per_protocol_figure(results, path, draw, "layer (tokens after block l)",
+                                f"ULTra by layer: assign = {assign}, ζ = {z:g}")
 
 
 def plot_thresholds(results: Dict[str, Any], path: Path) -> Optional[Path]:
@@ -159,24 +170,18 @@ def plot_thresholds(results: Dict[str, Any], path: Path) -> Optional[Path]:
     if len(s["thresholds"]) < 2:
         return None
     layer = results["primary"]["layer"]
-    protocols = results["protocols"]
-    fig, axes = _figure(len(protocols), 2)
-    for i, protocol in enumerate(protocols):
-        table = results["segmentation"][protocol]
-        for j, metric in enumerate(("mIoU", "accuracy")):
-            ax = axes[i][j]
-            for scalar in s["scalars"]:
-                for assign in s["assigns"]:
-                    pts = sorted((r["threshold"], r[metric]) for r in
-                                 _ultra(table, scalar=scalar, assign=assign, layer=layer) if r[metric] is not None)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                            linestyle="-" if assign == "argmax" else "--",
-                            label=f"{SCALAR_NAMES.get(scalar, scalar)}, {assign}")
-            _baselines(ax, table, metric)
-            _finish(ax, "ζ (cosine distance cut)", f"{metric} (%)", f"{metric}, {protocol} protocol", False)
-    _shared_legend(fig, axes[0][0])
-    fig.suptitle(f"{context(results)}\nULTra by clustering threshold: layer {layer}", fontsize=11)
-    return _save(fig, path)
+
+    def draw(ax, table, metric):
+        for scalar in s["scalars"]:
+            for assign in s["assigns"]:
+                pts = sorted((r["threshold"], r[metric]) for r in
+                             _ultra(table, scalar=scalar, assign=assign, layer=layer) if r[metric] is not None)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="-" if assign == "argmax" else "--",
+                        label=f"{SCALAR_NAMES.get(scalar, scalar)}, {assign}")
+
+    return _per_protocol_figure(results, path, draw, "ζ (cosine distance cut)",
+                                f"ULTra by clustering threshold: layer {layer}")
 
 
 def plot_itiou(results: Dict[str, Any], path: Path) -> Optional[Path]:

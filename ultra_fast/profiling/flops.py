@@ -165,12 +165,13 @@ def explain_flops(model_or_adapter: Union[nn.Module, Adapter], image_size: Image
     weight is folded into the same loop) and additionally 2·N³ for ``paper_step``'s product, plus the
     paper order's final row pick (2·N² per target). LayerNorm, softmax, activations, biases and other
     elementwise work are not counted. The one-row explained block costs per target: MLP 2·2·d·m,
-    proj 2·d², G row 2·N·d, and when the input cotangent is needed q-gradient row 2·N·d, k/v
-    path 2·N·2d·d, q row 2·d². A dense block costs per target: MLP 2·2·N·d·m, proj 2·N·d², G 2·N²·d, and when the input cotangent is needed
-    (all but block s) 3·2·N²·d (gv, gq, gk) + 2·N·3d·d (qkv). Where the explained block hands a
-    rank-(2H+2) cotangent down (``low_rank_pays``: 2H+2 < N) its k/v path costs 4·d² + 2·N·(2H+1)·(d+1)
-    instead, and the block below runs fc2's product in factored form (``low_rank_input_flops``).
-    Recomputation skips fc2, which the backward does not need. Blocks the hand-written backward cannot take (autograd) are counted as a
+    proj 2·d², G row 2·N·d, and when the input cotangent is needed q-gradient row 2·N·d, k/v path
+    2·N·2d·d, q row 2·d². A dense block costs per target: MLP 2·2·N·d·m, proj 2·N·d², G 2·N²·d, and
+    when the input cotangent is needed (all but block s) 3·2·N²·d (gv, gq, gk) + 2·N·3d·d (qkv).
+    Where the explained block hands a rank-(2H+2) cotangent down (``low_rank_pays``: 2H+2 < N) its
+    k/v path costs 4·d² + 2·N·(2H+1)·(d+1) instead, and the block below runs fc2's product in
+    factored form (``low_rank_input_flops``). Recomputation skips fc2, which the backward does not
+    need. Blocks the hand-written backward cannot take (autograd) are counted as a
     full forward and a dense backward, the explained block included. ``targets``: ``"patches"``,
     ``"all"``, ``"prefix"``, a count or token indices. Chunks follow the engine's own rule
     (``options.chunk_size``) for ``memory_budget`` on the model's device and dtype.
