@@ -14,9 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-
-class UnsupportedModelError(TypeError):
-    """The model's architecture is not one an adapter knows; the message names what is missing."""
+from ..errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
