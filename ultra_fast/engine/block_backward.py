@@ -22,30 +22,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..models.block_spec import PreNormBlock
 from . import reference_ops
-
-
-@dataclass
-class PreNormBlock:
-    ln1_weight: torch.Tensor
-    ln1_bias: torch.Tensor
-    ln1_eps: float
-    qkv_weight: torch.Tensor
-    qkv_bias: Optional[torch.Tensor]
-    num_heads: int
-    scale: float
-    proj_weight: torch.Tensor
-    proj_bias: Optional[torch.Tensor]
-    ls1: Optional[torch.Tensor]
-    ln2_weight: torch.Tensor
-    ln2_bias: torch.Tensor
-    ln2_eps: float
-    fc1_weight: torch.Tensor
-    fc1_bias: Optional[torch.Tensor]
-    act: Callable[[torch.Tensor], torch.Tensor]
-    fc2_weight: torch.Tensor
-    fc2_bias: Optional[torch.Tensor]
-    ls2: Optional[torch.Tensor]
 
 
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._common import patch_grid, resample_pos_embed
-from ..engine.block_backward import PreNormBlock
+from .block_spec import PreNormBlock
 from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
 
 
