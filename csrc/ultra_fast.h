@@ -134,11 +134,16 @@ inline LayerNormDims check_layer_norm_backward(const char* op, const at::Tensor&
   TORCH_CHECK(rstd.numel() == stat_rows, op, ": rstd must have one value per row of xhat (",
               stat_rows, "); got shape ", rstd.sizes());
   TORCH_CHECK(grad.is_contiguous(), op, ": grad is written in place and must be contiguous");
-  for (const at::Tensor* t : {&xhat, &rstd}) {
-    TORCH_CHECK(t->scalar_type() == grad.scalar_type() && t->device() == grad.device(), op,
-                ": grad, xhat and rstd must share dtype and device; got ", grad.scalar_type(),
-                "/", grad.device(), " and ", t->scalar_type(), "/", t->device());
-  }
+  TORCH_CHECK(xhat.scalar_type() == grad.scalar_type() && xhat.device() == grad.device(), op,
+              ": grad and xhat must share dtype and device; got ", grad.scalar_type(), "/", grad.device(),
+              " and ", xhat.scalar_type(), "/", xhat.device());
+  // A reduced-precision backward keeps the LayerNorm statistics in float32 (rounding rstd to bf16
+  // scales every row by up to 2^-8 off), so rstd may be float32 where grad is bfloat16/float16.
+  const bool half = grad.scalar_type() == at::kBFloat16 || grad.scalar_type() == at::kHalf;
+  TORCH_CHECK((rstd.scalar_type() == grad.scalar_type() || (half && rstd.scalar_type() == at::kFloat)) &&
+                  rstd.device() == grad.device(),
+              op, ": rstd must have grad's dtype (or float32 for a bfloat16/float16 grad) and device; got ",
+              grad.scalar_type(), "/", grad.device(), " and ", rstd.scalar_type(), "/", rstd.device());
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == grad.sizes() && residual->scalar_type() == grad.scalar_type() &&
                     residual->device() == grad.device(),

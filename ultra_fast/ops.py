@@ -2,8 +2,10 @@
 
 The kernels live in ``csrc/`` and are compiled into ``ultra_fast._C`` by
 ``pip install --no-build-isolation -e .``. Importing this module never fails when the
-extension is missing: :func:`is_available` then returns ``False`` and calling an op raises a
-:class:`RuntimeError` that says how to build it. The pure-PyTorch oracles are in
+extension is missing: :func:`is_available` then returns ``False`` and calling an op raises
+:class:`~ultra_fast.errors.NativeOpsUnavailableError` (a ``RuntimeError``) that says how to build it.
+``import ultra_fast`` imports this module, so the ops are registered under ``torch.ops.ultra_fast``
+right away (loading the library takes a few tens of milliseconds). The pure-PyTorch oracles are in
 :mod:`ultra_fast.engine.reference_ops`.
 
 Layouts (B images, T targets, H heads, N tokens); every op also accepts unbatched inputs (no
@@ -28,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from .errors import NativeOpsUnavailableError
+
 __all__ = ["contribution", "rollout_step", "paper_step", "softmax_backward_", "layer_norm_backward_",
            "is_available", "build_info"]
 
@@ -48,7 +52,7 @@ _LOADED = _load_error is None and hasattr(torch.ops.ultra_fast, "rollout_step")
 def _require() -> None:
     if not _LOADED:
         detail = f" (import error: {_load_error})" if _load_error is not None else ""
-        raise RuntimeError(_BUILD_HINT + detail)
+        raise NativeOpsUnavailableError(_BUILD_HINT + detail)
 
 
 def is_available(device_type: str = "cpu") -> bool:
@@ -167,7 +171,8 @@ def layer_norm_backward_(grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Ten
         grad: (..., D) contiguous output cotangents already multiplied by the LayerNorm weight.
         xhat: the normalised inputs, with the trailing shape of ``grad`` (it repeats over grad's
             extra leading dimensions, e.g. targets).
-        rstd: one reciprocal standard deviation per row of ``xhat``.
+        rstd: one reciprocal standard deviation per row of ``xhat``; ``grad``'s dtype, or float32 for a
+            bfloat16/float16 ``grad`` (the reduced-precision backward keeps its statistics in float32).
         residual: optional tensor of ``grad``'s shape added to the result.
     """
     _require()

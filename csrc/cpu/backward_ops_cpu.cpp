@@ -41,7 +41,7 @@ UF_CLONES void softmax_backward_rows(int64_t rows, int64_t M, c10::BFloat16* g,
 
 // out = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)) + residual, in place over gw, one row of D.
 template <typename T>
-inline void layer_norm_backward_row_impl(int64_t D, T* g, const T* x, T rstd, const T* res) {
+inline void layer_norm_backward_row_impl(int64_t D, T* g, const T* x, at::opmath_type<T> rstd, const T* res) {
   using acc_t = at::opmath_type<T>;
   acc_t s1 = 0, s2 = 0;
   for (int64_t j = 0; j < D; ++j) {
@@ -50,7 +50,7 @@ inline void layer_norm_backward_row_impl(int64_t D, T* g, const T* x, T rstd, co
     s2 += gj * static_cast<acc_t>(x[j]);
   }
   const acc_t inv_d = acc_t(1) / static_cast<acc_t>(D);
-  const acc_t m1 = s1 * inv_d, m2 = s2 * inv_d, rs = static_cast<acc_t>(rstd);
+  const acc_t m1 = s1 * inv_d, m2 = s2 * inv_d, rs = rstd;
   if (res != nullptr) {
     for (int64_t j = 0; j < D; ++j) {
       g[j] = static_cast<T>(rs * (static_cast<acc_t>(g[j]) - m1 - static_cast<acc_t>(x[j]) * m2) +
@@ -72,7 +72,7 @@ UF_CLONES void layer_norm_backward_row(int64_t D, double* g, const double* x, do
   layer_norm_backward_row_impl<double>(D, g, x, rstd, res);
 }
 UF_CLONES void layer_norm_backward_row(int64_t D, c10::BFloat16* g, const c10::BFloat16* x,
-                                       c10::BFloat16 rstd, const c10::BFloat16* res) {
+                                       float rstd, const c10::BFloat16* res) {
   layer_norm_backward_row_impl<c10::BFloat16>(D, g, x, rstd, res);
 }
 
@@ -108,12 +108,15 @@ void layer_norm_backward_cpu_(at::Tensor& grad, const at::Tensor& xhat, const at
   const LayerNormDims d = check_layer_norm_backward(op, grad, xhat, rstd, residual);
   check_backward_cpu_dtype(op, grad);
   if (grad.numel() == 0) return;
-  const at::Tensor x = xhat.contiguous(), rs = rstd.contiguous();
+  const at::Tensor x = xhat.contiguous();
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "ultra_fast::layer_norm_backward_ (CPU)", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // rstd in the accumulation type: float32 statistics pass through unrounded (see the check).
+    const at::Tensor rs = rstd.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = rs.const_data_ptr<scalar_t>();
+    const acc_t* rp = rs.const_data_ptr<acc_t>();
     const scalar_t* resp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     const int64_t rows = grad.numel() / d.D;
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {

@@ -50,7 +50,7 @@ __global__ void softmax_backward_kernel(scalar_t* __restrict__ grad, const scala
 
 template <typename scalar_t, typename acc_t>
 __global__ void layer_norm_backward_kernel(scalar_t* __restrict__ grad, const scalar_t* __restrict__ xhat,
-                                           const scalar_t* __restrict__ rstd,
+                                           const acc_t* __restrict__ rstd,
                                            const scalar_t* __restrict__ residual, int64_t rows,
                                            int64_t stat_rows, int64_t D) {
   const int lane = threadIdx.x % kWarp;
@@ -68,7 +68,7 @@ __global__ void layer_norm_backward_kernel(scalar_t* __restrict__ grad, const sc
       s2 += gj * static_cast<acc_t>(x[j]);
     }
     const acc_t m1 = warp_sum(s1) * inv_d, m2 = warp_sum(s2) * inv_d;
-    const acc_t rs = static_cast<acc_t>(rstd[xr]);
+    const acc_t rs = rstd[xr];
     const scalar_t* res = residual == nullptr ? nullptr : residual + row * D;
     for (int64_t j = lane; j < D; j += kWarp) {
       acc_t out = rs * (static_cast<acc_t>(g[j]) - m1 - static_cast<acc_t>(x[j]) * m2);
@@ -115,15 +115,17 @@ void layer_norm_backward_cuda_(at::Tensor& grad, const at::Tensor& xhat, const a
   check_backward_cuda(op, grad);
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor x = xhat.contiguous(), rs = rstd.contiguous();
+  const at::Tensor x = xhat.contiguous();
   const at::Tensor res = residual.has_value() ? residual->contiguous() : at::Tensor();
   const int64_t rows = grad.numel() / d.D;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "ultra_fast::layer_norm_backward_ (CUDA)", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    // rstd in the accumulation type: float32 statistics pass through unrounded (see the check).
+    const at::Tensor rs = rstd.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     layer_norm_backward_kernel<scalar_t, acc_t><<<warp_grid(rows), kWarp * kWarpsPerBlock, 0, stream>>>(
-        grad.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rs.const_data_ptr<scalar_t>(),
+        grad.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rs.const_data_ptr<acc_t>(),
         res.defined() ? res.const_data_ptr<scalar_t>() : nullptr, rows, d.stat_rows, d.D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

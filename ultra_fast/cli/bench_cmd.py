@@ -5,7 +5,9 @@ import argparse
 import json
 import re
 
-from .common import DTYPES, add_model_args, load_model
+from ..errors import ConfigError
+from ..engine.options import FAST_STRIDE
+from .common import add_fast_mode_args, add_model_args, load_model
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -35,8 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     p.add_argument("--memory-budget", type=parse_bytes, default=None,
                    help="bytes per chunk of targets, e.g. 2G (default: the engine's)")
-    p.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="run the batched backward in this dtype (fast inexact mode; default: exact, the model's)")
+    add_fast_mode_args(p, stride=False)
     p.add_argument("--batch", type=int, default=1, help="images per call (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: %(default)s)")
@@ -50,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from ..profiling.bench import format_table, run_bench
     for name in ("batch", "repeats", "matmul_n"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0; got {args.warmup}")
-    adapter = load_model(args)
+        raise ConfigError(f"--warmup must be >= 0; got {args.warmup}")
+    adapter = load_model(args)  # refuses a --compute-dtype this device does not run natively, before any work
+    if args.fast and args.compute_dtype is None and args.targets == "patches":
+        args.targets = f"stride:{FAST_STRIDE}"  # no reduced-precision backward pays here: fewer targets
     result = run_bench(adapter, args.size, targets=args.targets, layer=args.layer, start_block=args.start_block,
                        batch=args.batch, repeats=args.repeats, warmup=args.warmup, segment=args.segment,
                        backend=args.backend, memory_budget=args.memory_budget, matmul_n=args.matmul_n,
-                       compute_dtype=DTYPES[args.compute_dtype] if args.compute_dtype else None)
+                       compute_dtype=args.compute_dtype)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

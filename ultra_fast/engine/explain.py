@@ -1,4 +1,4 @@
-"""The fast exact engine (SPEC §3): all targets back-propagated together, block by block."""
+"""The fast exact engine (docs/method.md §3): all targets back-propagated together, block by block."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, UnsupportedHardwareError
 from ..models import Adapter, wrap
 from . import reference_ops
 from .allocator import reuse_freed_memory
@@ -14,8 +15,8 @@ from .backend import get_ops
 from .block_backward import (ConsumeG, LowRankCotangent, block_backward, block_backward_one_row, block_forward,
                              cast_block)
 from .maps import Size, finalize, resolve_size, upsample
-from .options import (bytes_per_target, check_order, chunk_size, eval_mode, resolve_layer,
-                      resolve_start)
+from .options import (ComputeDtype, bytes_per_target, check_order, chunk_size, eval_mode, resolve_compute_dtype,
+                      resolve_layer, resolve_start)
 from .scalars import LearnedScalar, ScalarFn, resolve_scalar, token_cotangents
 from .targets import Targets, resolve_targets
 
@@ -60,7 +61,7 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
     """
     spec = adapter.block_spec(index) if backward in ("auto", "manual") else None
     if backward == "manual" and spec is None:
-        raise ValueError(f"backward='manual': block {index} of {adapter.name} is not a plain pre-norm ViT block")
+        raise ConfigError(f"backward='manual': block {index} of {adapter.name} is not a plain pre-norm ViT block")
     if spec is not None:
         A, saved = block_forward(spec, x)
         if compute_dtype is not None and compute_dtype != x.dtype:
@@ -88,6 +89,13 @@ def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad:
     return grads[1] if need_input_grad else None
 
 
+def _step_takes_mixed(order: str, ops, state_dtype: torch.dtype) -> bool:
+    """A lower-precision backward (compute_dtype) hands G and A over in its dtype; the chain state stays in
+    the model's dtype. The native rollout step takes that mix (float32 state, bf16 G) directly; any other
+    step gets G and A cast to the state's dtype (a full-precision copy of G, see ``bytes_per_target``)."""
+    return order == "rollout" and ops is not reference_ops and state_dtype == torch.float32
+
+
 def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward,
                   compute_dtype=None) -> torch.Tensor:
     """S̄_i[i, :] for one chunk of targets: (B, T, N)."""
@@ -100,9 +108,7 @@ def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, b
         state = torch.eye(N, dtype=rows.dtype, device=rows.device).expand(B, T, N, N).contiguous()
     step = ops.rollout_step if order == "rollout" else ops.paper_step
 
-    # A lower-precision backward (compute_dtype) hands G and A over in its dtype; the chain state stays in
-    # the model's dtype. The native rollout step takes that mix (float32 state, bf16 G) directly.
-    mixed_ok = order == "rollout" and ops is not reference_ops and rows.dtype == torch.float32
+    mixed_ok = _step_takes_mixed(order, ops, rows.dtype)
 
     def consume(G: torch.Tensor, A: torch.Tensor) -> None:
         nonlocal state
@@ -135,10 +141,10 @@ def explain(
     backend: str = "auto",
     backward: str = "auto",
     memory_budget: Optional[int] = None,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: ComputeDtype = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Exact ULTra explanation maps of many tokens of many images (SPEC §2), fast (SPEC §3).
+    """Exact ULTra explanation maps of many tokens of many images (docs/method.md §2), fast (docs/method.md §3).
 
     Args:
         model: a timm or open_clip ViT (wrapped automatically, left unchanged) or an ``Adapter``.
@@ -158,9 +164,12 @@ def explain(
         memory_budget: bytes one chunk of targets may use in the backward; default: see
             ``options.default_memory_budget``. Smaller budgets only mean more chunks, same maps.
         compute_dtype: a faster, inexact mode: run the batched backward (its matrix products and
-            fused ops) in this dtype, e.g. ``torch.bfloat16``, while the forward, the attention
-            probabilities and the chain state between blocks stay in the model's dtype. Off (None) by
-            default; needs the hand-written backward (plain pre-norm ViT blocks).
+            fused ops) in this dtype, e.g. ``torch.bfloat16`` or ``"bfloat16"``, while the forward, the
+            attention probabilities, the LayerNorm statistics and the chain state between blocks stay in
+            the model's dtype. ``"auto"``: bfloat16 where this device computes it natively (CUDA sm_80+,
+            CPUs with AVX512_BF16 or AMX), else exact. A half dtype the device does not compute natively
+            is refused (``UnsupportedHardwareError``) before any work: it would be far slower than
+            float32. Off (None, exact) by default; needs the hand-written backward (plain pre-norm ViT blocks).
 
     Returns:
         (B, T, h, w) maps, or (B, T, *size) when ``size`` is given.
@@ -180,7 +189,7 @@ def explain(
 def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
                  targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
                  weights: Optional[torch.Tensor] = None, backend: str = "auto", backward: str = "auto",
-                 memory_budget: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
+                 memory_budget: Optional[int] = None, compute_dtype: ComputeDtype = None,
                  progress: bool = False):
     """The modality-free core of ``explain``: rows S̄_i[i, :] (B, T, N) over all N tokens, and the
     (B, T) target indices. ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
@@ -188,7 +197,10 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
     s = resolve_start(start_block, l)
     check_order(order)
     if backward not in BACKWARDS:
-        raise ValueError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
+        raise ConfigError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
+    compute_dtype = resolve_compute_dtype(compute_dtype, adapter.device, adapter.dtype)
+    if compute_dtype is not None and backward == "autograd":
+        raise ConfigError("compute_dtype needs the hand-written backward (backward='auto' or 'manual')")
     P = adapter.num_prefix_tokens
     if adapter.device.type == "cpu":
         reuse_freed_memory()
@@ -198,13 +210,14 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
         B, N, _ = z.shape
         idx = resolve_targets(targets, B, N, P, z.device)
         if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
-            raise ValueError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
-        if compute_dtype is not None and backward == "autograd":
-            raise ValueError("compute_dtype needs the hand-written backward (backward='auto' or 'manual')")
+            raise ConfigError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
         ops = get_ops(backend, z.device, compute_dtype or z.dtype, order)
         rows = token_cotangents(fn, z)
         T = idx.shape[1]
-        per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim, z.element_size(), order)
+        cd = compute_dtype or z.dtype
+        per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim, z.element_size(), order,
+                                      compute_elem=cd.itemsize,
+                                      casts_G=cd != z.dtype and not _step_takes_mixed(order, ops, z.dtype))
         step = chunk_size(memory_budget, per_target, T, z.device)
         out = z.new_empty(B, T, N)
         for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):

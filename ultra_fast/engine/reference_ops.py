@@ -32,15 +32,19 @@ def paper_step(P: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tenso
 def softmax_backward_(grad: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """In place: grad (..., T, R, M) <- attn * (grad - rowsum(grad * attn)), attn (..., R, M)."""
     a = attn.unsqueeze(-3)
-    return grad.sub_((grad * a).sum(-1, keepdim=True)).mul_(a)
+    # The row sums stay float32 under a bfloat16/float16 backward (as the native kernels' accumulators).
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return grad.sub_((grad * a).sum(-1, keepdim=True, dtype=acc)).mul_(a)
 
 
 def layer_norm_backward_(grad: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In place: rstd * (grad - mean(grad) - xhat * mean(grad * xhat)) + residual; grad already carries
-    the LayerNorm weight; xhat (and rstd, one per xhat row) repeat over grad's extra leading dims."""
+    the LayerNorm weight; xhat (and rstd, one per xhat row) repeat over grad's extra leading dims.
+    rstd may be float32 for a bfloat16/float16 grad."""
     rstd = rstd.reshape(xhat.shape[:-1] + (1,))
-    m1 = grad.mean(-1, keepdim=True)
-    m2 = (grad * xhat).mean(-1, keepdim=True)
+    acc = torch.promote_types(grad.dtype, torch.float32)  # float32 means under a bf16/fp16 backward
+    m1 = grad.mean(-1, keepdim=True, dtype=acc)
+    m2 = (grad * xhat).mean(-1, keepdim=True, dtype=acc)
     out = grad.sub_(m1).sub_(xhat * m2).mul_(rstd)
     return out if residual is None else out.add_(residual)

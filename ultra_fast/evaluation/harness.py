@@ -1,4 +1,4 @@
-"""The evaluation run (SPEC §6): per-image records, cached and resumable, summarised from the cache alone.
+"""The evaluation run (docs/method.md §6): per-image records, cached and resumable, summarised from the cache alone.
 
 One image costs one preprocessing, one graph-free forward (the last-layer patch tokens) and one
 ``explain`` per (scalar, layer); every (ζ, assign rule) is then segmented from the same maps. What is
@@ -24,7 +24,7 @@ Choices, documented here and in ``results.json`` (``notes``):
   segment's pixels (at label resolution, ignored pixels included: they are image content) lying in each
   token's patch, so it is defined for any segmentation and any pixel rule.
 - **Primary setting**: the first requested scalar at the last requested layer, cut at ζ = 0.4 when
-  requested (SPEC §4 default), else at the first ζ. The perturbation test (4k perturbed forwards per
+  requested (docs/method.md §4 default), else at the first ζ. The perturbation test (4k perturbed forwards per
   image) runs only for its maps; the k-means baseline "k = segments" uses its cluster count.
 - **Baselines**: k-means (scikit-learn, seeded) on the L2-normalised last-layer tokens with k = the
   primary setting's clusters and with k = the number of classes, nearest-upsampled; the CLS token's
@@ -55,14 +55,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError
 from ..data.datasets import Sample, SegDataset
 from ..engine.options import eval_mode, resolve_layer
 from ..io import atomic_write
 from ..models import Adapter, wrap
 from ..segmentation import segment_maps
-from ..segmentation.segment import (ASSIGN_RULES, COMPUTE_DTYPES, grid_positions, nearest_token,
-                                    resolve_compute_dtype, strided_targets)
-from .baselines import cls_rollout_map, foreground_mask, kmeans_token_clusters, upsample_nearest
+from ..segmentation.aggregation import AGGREGATIONS, needs_features
+from ..engine.options import parse_compute_dtype
+from ..segmentation.segment import (ASSIGN_RULES, grid_positions, nearest_token, strided_targets,
+                                    token_partition)
+from .baselines import (cls_rollout_map, feature_spectral, foreground_mask, kmeans_token_clusters,
+                        upsample_nearest)
 from .itiou import ITIoU, itiou_image
 from .metrics import DatasetWideMatching, PerImageMatching, segment_histograms
 from .perturbation import PerturbationScores, perturbation_test
@@ -76,12 +80,15 @@ PROTOCOLS = ("per-image", "dataset")
 BASELINES = ("kmeans", "cls_rollout")
 DEFAULT_THRESHOLDS = (0.25, 0.3, 0.4, 0.5)
 DEFAULT_TAUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-PERTURB_FRACTION = 0.25  # SPEC §6 leaves the removed share open; perturbation_test's default
-PERTURB_NOISE_STD = 0.3  # SPEC §6
+PERTURB_FRACTION = 0.25  # docs/method.md §6 leaves the removed share open; perturbation_test's default
+PERTURB_NOISE_STD = 0.3  # docs/method.md §6
 
 # Baseline record names (keys of a record's "baselines").
 KMEANS_SEGMENTS = "kmeans_k=segments"
 KMEANS_CLASSES = "kmeans_k=classes"
+# Feature baselines at equal segment counts (with aggregations beyond the paper's): name prefixes.
+KMEANS_MATCHED = "kmeans"
+SPECTRAL_MATCHED = "feature_spectral"
 CLS_ROLLOUT = "cls_rollout"
 
 NOTES = {
@@ -93,6 +100,11 @@ NOTES = {
     "dataset": "k-means (k = classes, L2-normalised segment features) gives shared ids over the split, then one "
                "Hungarian match on the dataset confusion matrix",
     "kmeans": "scikit-learn KMeans on L2-normalised last-layer patch tokens, nearest-upsampled",
+    "aggregations": "strategies other than the paper's are cut, image by image, to the paper's cluster count at "
+                    "the same (scalar, layer, zeta) (equal segment counts); 'auto' rows use the strategy's own "
+                    "count (eigengap). Feature baselines with k = ULTra segments do the same per (scalar, layer, "
+                    "zeta); feature spectral = Deep Spectral Methods' normalised cut of the feature affinity "
+                    "(cosine clipped at 0, no colour term), k-means on its first k eigenvectors",
     "cls_rollout": "CLS gradient rollout (ULTra_S, target CLS, last block), bilinear to label size, foreground = "
                    "min-max scaled map >= its mean; only where class 0 is background",
     "mode": "fast modes apply to every ULTra explanation, not to the baselines; with a target stride k > 1 only "
@@ -102,6 +114,10 @@ NOTES = {
 
 #: The fast-mode fields of ``EvalConfig`` and their (exact) defaults: left out of the run key at these values.
 FAST_MODE_DEFAULTS = {"start_block": 1, "compute_dtype": None, "target_stride": 1}
+#: The paper's aggregation alone: the default, left out of the run key (earlier caches stay valid).
+DEFAULT_AGGREGATIONS = ("paper",)
+#: Spectral strategies also get a row with their own segment count (the eigengap rule).
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,7 @@ class EvalConfig:
     start_block: int = 1
     compute_dtype: Optional[str] = None
     target_stride: int = 1
+    aggregations: Tuple[str, ...] = DEFAULT_AGGREGATIONS
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -139,43 +156,45 @@ class EvalConfig:
             isinstance(self.size, tuple) and len(self.size) == 2 and all(isinstance(v, int) and v >= 1
                                                                          for v in self.size))
         if not size_ok:
-            raise ValueError(f"size must be a positive int (the shorter image side) or (H, W) input pixels; got "
+            raise ConfigError(f"size must be a positive int (the shorter image side) or (H, W) input pixels; got "
                              f"{self.size!r}")
         for name, values, allowed in (("scalars", self.scalars, SCALARS), ("assigns", self.assigns, ASSIGN_RULES),
                                       ("protocols", self.protocols, PROTOCOLS)):
             if not values:
-                raise ValueError(f"{name} must not be empty")
+                raise ConfigError(f"{name} must not be empty")
             bad = [v for v in values if v not in allowed]
             if bad:
-                raise ValueError(f"unknown {name} {bad}; expected some of {list(allowed)}")
+                raise ConfigError(f"unknown {name} {bad}; expected some of {list(allowed)}")
             if len(set(values)) != len(values):
-                raise ValueError(f"{name} repeat: {list(values)}")
+                raise ConfigError(f"{name} repeat: {list(values)}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
-            raise ValueError(f"unknown baselines {bad}; expected some of {list(BASELINES)} (or none)")
+            raise ConfigError(f"unknown baselines {bad}; expected some of {list(BASELINES)} (or none)")
         if ("learned" in self.scalars) != (self.weights is not None):
-            raise ValueError('the scalar "learned" needs weights (a W checkpoint), and weights need "learned"')
+            raise ConfigError('the scalar "learned" needs weights (a W checkpoint), and weights need "learned"')
         if self.weights is not None and not Path(self.weights).is_file():
             raise FileNotFoundError(f"W checkpoint not found: {self.weights}")
         if not self.layers or any(not isinstance(l, int) or l == 0 for l in self.layers):
-            raise ValueError(f"layers must be non-zero ints (1..L, or negative from the end); got {self.layers}")
+            raise ConfigError(f"layers must be non-zero ints (1..L, or negative from the end); got {self.layers}")
         if not self.thresholds or any(not 0.0 < float(z) <= 2.0 for z in self.thresholds):
-            raise ValueError(f"thresholds must be cosine-distance cuts in (0, 2]; got {list(self.thresholds)}")
+            raise ConfigError(f"thresholds must be cosine-distance cuts in (0, 2]; got {list(self.thresholds)}")
         if len(set(self.thresholds)) != len(self.thresholds):
-            raise ValueError(f"thresholds repeat: {list(self.thresholds)}")
+            raise ConfigError(f"thresholds repeat: {list(self.thresholds)}")
         if not self.taus or any(not 0.0 <= float(t) <= 1.0 for t in self.taus):
-            raise ValueError(f"taus must be ITIoU thresholds in [0, 1]; got {list(self.taus)}")
+            raise ConfigError(f"taus must be ITIoU thresholds in [0, 1]; got {list(self.taus)}")
         if len(set(self.taus)) != len(self.taus):
-            raise ValueError(f"taus repeat: {list(self.taus)}")
+            raise ConfigError(f"taus repeat: {list(self.taus)}")
         if not isinstance(self.perturb_k, int) or self.perturb_k < 1:
-            raise ValueError(f"perturb_k must be a positive int; got {self.perturb_k!r}")
+            raise ConfigError(f"perturb_k must be a positive int; got {self.perturb_k!r}")
         for name in ("start_block", "target_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)} or None (exact); got "
-                             f"{self.compute_dtype!r}")
+                raise ConfigError(f"{name} must be a positive int; got {value!r}")
+        if not self.aggregations or self.aggregations[0] != "paper" or len(set(self.aggregations)) != len(
+                self.aggregations) or any(a not in AGGREGATIONS for a in self.aggregations):
+            raise ConfigError(f"aggregations must start with 'paper' (the others are cut to its segment counts) "
+                             f"and name each of {list(AGGREGATIONS)} at most once; got {list(self.aggregations)}")
+        parse_compute_dtype(self.compute_dtype)
 
     @property
     def fast_modes(self) -> Dict[str, Any]:
@@ -190,6 +209,18 @@ class EvalConfig:
 def ultra_key(scalar: str, layer: int, assign: str, threshold: float) -> str:
     """Name of one ULTra segmentation setting in a record (``layer`` resolved, 1..L)."""
     return f"{scalar}|L{layer}|{assign}|z{float(threshold)!r}"  # repr: distinct floats never share a key
+
+
+def aggregation_key(aggregation: str, scalar: str, layer: int, assign: str, threshold: Union[float, str]) -> str:
+    """Name of a non-paper aggregation's setting: cut to the paper's cluster count at ζ = ``threshold``
+    (equal segment counts), or ``AUTO`` (the strategy's own rule)."""
+    z = threshold if threshold == AUTO else f"z{float(threshold)!r}"
+    return f"{aggregation}|{scalar}|L{layer}|{assign}|{z}"
+
+
+def matched_key(baseline: str, scalar: str, layer: int, threshold: float) -> str:
+    """Name of a feature baseline with k = the paper's clusters of (scalar, layer, ζ) on each image."""
+    return f"{baseline}|{scalar}|L{layer}|z{float(threshold)!r}"
 
 
 def maps_key(scalar: str, layer: int) -> str:
@@ -241,7 +272,8 @@ class RunPlan:
                 "weights": str(Path(c.weights).resolve()) if c.weights else None,
                 "weights_sha256": self.weights_sha256, "seed": c.seed,
                 # only where not exact: a cache written before these fields existed keeps its key and digest
-                **c.fast_modes}
+                **c.fast_modes,
+                **({"aggregations": list(c.aggregations)} if c.aggregations != DEFAULT_AGGREGATIONS else {})}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -290,7 +322,7 @@ def load_record(path: Path) -> Dict[str, Any]:
     try:
         return _unpack(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # noqa: BLE001 - any failure means "not a usable record"
-        raise ValueError(f"cached record {path} is unreadable: {e}") from e
+        raise CheckpointError(f"cached record {path} is unreadable: {e}") from e
 
 
 def _diff(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -311,7 +343,7 @@ def prepare_out(out: PathLike, plan: RunPlan, names: Sequence[str], overwrite: b
         old = json.loads(run_file.read_text())
         if old.get("key") != key and not overwrite:
             diffs = _diff(old.get("key", {}), key)
-            raise ValueError(f"{out} holds an evaluation with other settings ({'; '.join(diffs)}); use another "
+            raise ConfigError(f"{out} holds an evaluation with other settings ({'; '.join(diffs)}); use another "
                              f"--out, or --overwrite to discard its cache")
         if overwrite:
             for f in (out / "cache").glob("*.pt"):
@@ -390,6 +422,36 @@ class _Stopwatch:
         self._t = now
 
 
+def maps_file(maps_cache: PathLike, plan: RunPlan, name: str, scalar: str, layer: int) -> Path:
+    """``MAPS/<sample>/<scalar>_L<layer>_<digest>.pt``: one image's maps for one (scalar, layer), keyed by
+    everything they depend on (model, dataset, input size, weights, fast modes), not by how they are
+    segmented or scored, so that runs sweeping segmentation settings share them."""
+    c = plan.config
+    key = {"model": plan.model, "dataset": plan.dataset, "name": name, "scalar": scalar, "layer": int(layer),
+           "size": list(c.size) if isinstance(c.size, tuple) else c.size,
+           "weights_sha256": plan.weights_sha256 if scalar == "learned" else None, **c.fast_modes}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_path(maps_cache, name).with_suffix("") / f"{scalar}_L{int(layer)}_{digest}.pt"
+
+
+def explain_cached(adapter: Adapter, plan: RunPlan, name: str, x: torch.Tensor, scalar: str, layer: int,
+                   maps_cache: Optional[PathLike] = None, **fast) -> torch.Tensor:
+    """(n, h, w) maps of one preprocessed image; read from / written to ``maps_cache`` when given."""
+    from ..engine import explain
+    path = maps_file(maps_cache, plan, name, scalar, layer) if maps_cache is not None else None
+    if path is not None and path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - an unreadable file is recomputed
+            warnings.warn(f"cached maps {path} are unreadable ({e}); recomputing them")
+    c = plan.config
+    maps = explain(adapter, x, layer=layer, scalar=scalar, weights=c.weights if scalar == "learned" else None,
+                   **fast)[0].detach().cpu()
+    if path is not None:
+        atomic_write(path, lambda tmp: torch.save(maps.contiguous(), tmp))
+    return maps
+
+
 def nearest_filled(maps: torch.Tensor, positions: Optional[np.ndarray]) -> torch.Tensor:
     """(n_sub, h, w) maps of the explained patches -> (h*w, h, w): every patch token gets the map of the
     nearest explained one (``segmentation.nearest_token``); unchanged when every patch was explained."""
@@ -400,9 +462,10 @@ def nearest_filled(maps: torch.Tensor, positions: Optional[np.ndarray]) -> torch
     return maps[torch.from_numpy(nearest.reshape(-1))]
 
 
-def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label: np.ndarray) -> Dict[str, Any]:
-    """Every number of one image that the summary needs (see the module docstring)."""
-    from ..engine import explain
+def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label: np.ndarray,
+                   maps_cache: Optional[PathLike] = None) -> Dict[str, Any]:
+    """Every number of one image that the summary needs (see the module docstring). Each (scalar, layer)'s
+    maps are clustered once (one linkage) and cut at every ζ; ``maps_cache``: see ``explain_cached``."""
     c = plan.config
     C, ignore = plan.dataset["num_classes"], plan.dataset["ignore_index"]
     clock = _Stopwatch()
@@ -412,30 +475,45 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     patches = pixel_patches(label.shape, grid)
     seed = image_seed(c.seed, sample.name)
     targets, positions = strided_targets(grid, adapter.num_prefix_tokens, c.target_stride)
-    fast = dict(start_block=c.start_block, compute_dtype=resolve_compute_dtype(c.compute_dtype), targets=targets)
+    fast = dict(start_block=c.start_block, compute_dtype=c.compute_dtype, targets=targets)
     clock.lap("forward")
 
     p_scalar, p_layer, p_threshold = plan.primary
     ultra: Dict[str, Any] = {}
     itiou: Dict[str, List[float]] = {}
     primary_maps, primary_clusters = None, None
+    sub_feats = feats if positions is None else feats[positions]
+    matched: Dict[Tuple[str, int, float], np.ndarray] = {}  # the paper's cluster ids per (scalar, layer, ζ)
     for scalar in c.scalars:
         for layer in plan.layers:
-            maps = explain(adapter, x, layer=layer, scalar=scalar, weights=c.weights if scalar == "learned" else None,
-                           **fast)[0].detach().cpu()
+            maps = explain_cached(adapter, plan, sample.name, x, scalar, layer, maps_cache, **fast)
             clock.lap("explain")
             every = nearest_filled(maps, positions)
             values = itiou_image(every, label, tau=c.taus, ignore_index=ignore)
             itiou[maps_key(scalar, layer)] = [float(values[float(t)]) for t in c.taus]
             clock.lap("itiou")
+            partition = token_partition(maps, token_positions=positions)  # one linkage for every cut
             for z in c.thresholds:
                 for assign in c.assigns:
                     seg = segment_maps(maps, label.shape, threshold=float(z), assign=assign,
-                                       token_positions=positions)
+                                       token_positions=positions, partition=partition)
                     ultra[ultra_key(scalar, layer, assign, z)] = segmentation_record(
                         seg.labels, label, C, ignore, patches, feats)
                     if (scalar, layer, float(z)) == (p_scalar, p_layer, p_threshold):
                         primary_clusters = int(seg.token_clusters.max()) + 1
+                matched[(scalar, layer, float(z))] = partition.cut(float(z))
+            for name in c.aggregations[1:]:
+                other = token_partition(maps, token_positions=positions, aggregation=name,
+                                        features=sub_feats if needs_features(name) else None, seed=seed)
+                cuts = [(z, int(matched[(scalar, layer, float(z))].max()) + 1) for z in c.thresholds]
+                if not name.startswith("paper"):
+                    cuts.append((AUTO, None))
+                for z, k in cuts:
+                    for assign in c.assigns:
+                        seg = segment_maps(maps, label.shape, n_clusters=k, assign=assign,
+                                           token_positions=positions, partition=other)
+                        ultra[aggregation_key(name, scalar, layer, assign, z)] = segmentation_record(
+                            seg.labels, label, C, ignore, patches, feats)
             clock.lap("segment")
             if (scalar, layer) == (p_scalar, p_layer):
                 primary_maps = every
@@ -447,6 +525,16 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
             ids = kmeans_token_clusters(feats, grid, min(int(k), n), seed=seed)
             pred = upsample_nearest(ids, label.shape)
             baselines[name] = segmentation_record(pred, label, C, ignore, patches, feats)
+        clock.lap("baselines")
+    if "kmeans" in c.baselines and c.aggregations != DEFAULT_AGGREGATIONS:
+        # the feature baselines at the paper's segment count of every (scalar, layer, ζ), image by image
+        spectral = feature_spectral(feats, seed=seed)
+        for (scalar, layer, z), ids in matched.items():
+            k = min(int(ids.max()) + 1, n)
+            for prefix, tokens in ((KMEANS_MATCHED, kmeans_token_clusters(feats, grid, k, seed=seed)),
+                                   (SPECTRAL_MATCHED, spectral.cut(n_clusters=k).reshape(grid))):
+                baselines[matched_key(prefix, scalar, layer, z)] = segmentation_record(
+                    upsample_nearest(tokens, label.shape), label, C, ignore, patches, feats)
         clock.lap("baselines")
     if "cls_rollout" in c.baselines and plan.cls_rollout:
         m = cls_rollout_map(adapter, x, layer=-1, scalar="sum", size=tuple(label.shape))
@@ -476,10 +564,10 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
     config.validate()
     layers = tuple(dict.fromkeys(resolve_layer(int(l), adapter.num_blocks) for l in config.layers))
     if len(layers) != len(config.layers):
-        raise ValueError(f"layers {list(config.layers)} name the same block twice (resolved: "
+        raise ConfigError(f"layers {list(config.layers)} name the same block twice (resolved: "
                          f"{[resolve_layer(int(l), adapter.num_blocks) for l in config.layers]})")
     if config.start_block > min(layers):
-        raise ValueError(f"start_block {config.start_block} lies after layer {min(layers)}: every explained layer "
+        raise ConfigError(f"start_block {config.start_block} lies after layer {min(layers)}: every explained layer "
                          f"needs start_block <= layer")
     info = {"name": dataset.name, "root": str(Path(dataset.root).resolve()), "split": dataset.split,
             "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
@@ -494,20 +582,22 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
 
 def run_evaluation(model: Union[nn.Module, Adapter], dataset: SegDataset, config: EvalConfig, out: PathLike,
                    model_info: Optional[Dict[str, Any]] = None, overwrite: bool = False,
-                   progress: bool = True) -> Dict[str, Any]:
+                   progress: bool = True, maps_cache: Optional[PathLike] = None) -> Dict[str, Any]:
     """Evaluate every sample of ``dataset`` (already sliced by the caller), caching each image's record in
     ``OUT/cache`` before the next; images cached with the same settings are skipped. Writes and returns
     the summary (``summarise``).
 
     ``model_info``: what identifies the model in ``OUT/run.json`` (default: the adapter's name and dtype);
-    a cache made for another model, dataset or settings is refused unless ``overwrite``.
+    a cache made for another model, dataset or settings is refused unless ``overwrite``. ``maps_cache``:
+    a folder keeping every image's maps (``explain_cached``), shared by runs that differ only in how the
+    maps are segmented or scored (ζ, rules, aggregations), so that such a sweep explains each image once.
     """
     from tqdm.auto import tqdm
     adapter = wrap(model)
     plan = make_plan(adapter, dataset, config, model_info)
     names = [s.name for s in dataset.samples]
     if len(set(names)) != len(names):
-        raise ValueError(f"{dataset.name}: sample names repeat; they name the cache files")
+        raise ConfigError(f"{dataset.name}: sample names repeat; they name the cache files")
     prepare_out(out, plan, names, overwrite)
     digest = plan.digest()
     todo = []
@@ -524,7 +614,7 @@ def run_evaluation(model: Union[nn.Module, Adapter], dataset: SegDataset, config
                disable=not progress)
     for s in todo:
         label = dataset.load_label(s)
-        record = evaluate_image(adapter, plan, s, dataset.load_image(s), label)
+        record = evaluate_image(adapter, plan, s, dataset.load_image(s), label, maps_cache)
         save_record(cache_path(out, s.name), record)
         bar.set_postfix(s_per_img=f"{record['seconds']['total']:.1f}")
         bar.update(1)
@@ -571,7 +661,7 @@ def _clean(x):
     return x
 
 
-ROW_FIELDS = ("method", "baseline", "scalar", "layer", "assign", "threshold", "k")
+ROW_FIELDS = ("method", "aggregation", "baseline", "scalar", "layer", "assign", "threshold", "k")
 
 
 def _row(scores: _Scores, protocol: str, **fields) -> Dict[str, Any]:
@@ -585,7 +675,7 @@ def _row(scores: _Scores, protocol: str, **fields) -> Dict[str, Any]:
 
 
 def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
-    """Aggregate the cached records of the run's selected images into the results (SPEC §6 metrics).
+    """Aggregate the cached records of the run's selected images into the results (docs/method.md §6 metrics).
 
     Needs only ``OUT/run.json`` and ``OUT/cache``; with ``write``, also writes ``OUT/results.json``,
     ``OUT/results.md`` and the plots (``report.write_report``). Images without a record (an unfinished
@@ -598,7 +688,7 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
         raise FileNotFoundError(f"no evaluation run in {out}: {run_file} not found")
     run = json.loads(run_file.read_text())
     if run.get("format") != FORMAT:
-        raise ValueError(f"{run_file} is not an ultra_fast evaluation run (format {FORMAT!r})")
+        raise ConfigError(f"{run_file} is not an ultra_fast evaluation run (format {FORMAT!r})")
     key, protocols = run["key"], run["protocols"]
     C, ignore = key["dataset"]["num_classes"], key["dataset"]["ignore_index"]
     taus = [float(t) for t in key["taus"]]
@@ -615,6 +705,14 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
     if "cls_rollout" in key["baselines"] and key["cls_rollout"]:
         base_names.append(CLS_ROLLOUT)
     base = {b: new_scores() for b in base_names}
+    aggregations = key.get("aggregations", list(DEFAULT_AGGREGATIONS))
+    aggs = {(g, s, l, a, z): new_scores() for g in aggregations[1:] for s in key["scalars"] for l in key["layers"]
+            for z in [float(z) for z in key["thresholds"]] + ([] if g.startswith("paper") else [AUTO])
+            for a in key["assigns"]}
+    matched = {}
+    if "kmeans" in key["baselines"] and len(aggregations) > 1:
+        matched = {(b, s, l, float(z)): new_scores() for b in (KMEANS_MATCHED, SPECTRAL_MATCHED)
+                   for s in key["scalars"] for l in key["layers"] for z in key["thresholds"]}
     itiou = {(s, l): ITIoU() for s in key["scalars"] for l in key["layers"]}
     perturbation = PerturbationScores()
     seconds: Dict[str, List[float]] = {}
@@ -635,6 +733,10 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
             sc.update(rec["ultra"][ultra_key(s, l, a, z)])
         for b, sc in base.items():
             sc.update(rec["baselines"][b])
+        for (g, s, l, a, z), sc in aggs.items():
+            sc.update(rec["ultra"][aggregation_key(g, s, l, a, z)])
+        for (b, s, l, z), sc in matched.items():
+            sc.update(rec["baselines"][matched_key(b, s, l, z)])
         for (s, l), acc in itiou.items():
             acc.update(dict(zip(taus, rec["itiou"][maps_key(s, l)])))
         if rec.get("perturbation"):
@@ -642,16 +744,21 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
         for stage, v in rec["seconds"].items():
             seconds.setdefault(stage, []).append(float(v))
     if not scored:
-        raise ValueError(f"{out}: none of the {len(run['images'])} selected images has a cached record yet")
+        raise ConfigError(f"{out}: none of the {len(run['images'])} selected images has a cached record yet")
 
     tables: Dict[str, List[Dict[str, Any]]] = {}
     for protocol in protocols:
-        rows = [_row(sc, protocol, method="ULTra", scalar=s, layer=l, assign=a, threshold=z)
+        rows = [_row(sc, protocol, method="ULTra", aggregation="paper", scalar=s, layer=l, assign=a, threshold=z)
                 for (s, l, a, z), sc in ultra.items()]
+        rows += [_row(sc, protocol, method="ULTra", aggregation=g, scalar=s, layer=l, assign=a, threshold=z)
+                 for (g, s, l, a, z), sc in aggs.items()]
         for b, sc in base.items():
             method = "k-means" if b.startswith("kmeans") else "CLS rollout"
             k = {KMEANS_SEGMENTS: "segments", KMEANS_CLASSES: "classes"}.get(b)
             rows.append(_row(sc, protocol, method=method, baseline=b, k=k))
+        for (b, s, l, z), sc in matched.items():
+            rows.append(_row(sc, protocol, method="k-means" if b == KMEANS_MATCHED else "feature spectral",
+                             baseline=matched_key(b, s, l, z), k="segments", scalar=s, layer=l, threshold=z))
         tables[protocol] = rows
     p_scalar, p_layer = run["primary"]["scalar"], run["primary"]["layer"]
     results = {

@@ -3,26 +3,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..engine.hardware import hardware_info, supports_fast
+from ..engine.options import ComputeDtype, resolve_compute_dtype
+from ..engine.targets import stride_targets
+from ..errors import ConfigError
 from ..models import Adapter
 from .flops import explain_flops, matmul_rate
 from .memory import PeakMemory
 
 TargetArg = Union[str, List[int]]
-
-
-def stride_targets(grid: Tuple[int, int], num_prefix: int, stride: int) -> List[int]:
-    """Token indices of every ``stride``-th patch along rows and columns of the (h, w) patch grid.
-
-    Tokens are ordered prefix first, then patches row-major, so patch (r, c) is token P + r·w + c.
-    """
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int; got {stride!r}")
-    h, w = grid
-    return [num_prefix + r * w + c for r in range(0, h, stride) for c in range(0, w, stride)]
 
 
 def parse_targets(spec: str, grid: Tuple[int, int], num_prefix: int) -> TargetArg:
@@ -34,15 +27,15 @@ def parse_targets(spec: str, grid: Tuple[int, int], num_prefix: int) -> TargetAr
     if spec.startswith("stride:"):
         value = spec[len("stride:"):]
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"targets {spec!r}: expected stride:K with a positive integer K")
+            raise ConfigError(f"targets {spec!r}: expected stride:K with a positive integer K")
         return stride_targets(grid, num_prefix, int(value))
     if spec.isdigit():
         count = int(spec)
         if not 1 <= count <= n:
-            raise ValueError(f"targets {spec!r}: the count must lie in 1..{n} (patch tokens of the {grid[0]}x"
+            raise ConfigError(f"targets {spec!r}: the count must lie in 1..{n} (patch tokens of the {grid[0]}x"
                              f"{grid[1]} grid)")
         return list(range(num_prefix, num_prefix + count))
-    raise ValueError(f"targets {spec!r}: expected patches, all, a count N or stride:K")
+    raise ConfigError(f"targets {spec!r}: expected patches, all, a count N or stride:K")
 
 
 def _sync(device: torch.device) -> None:
@@ -53,7 +46,7 @@ def _sync(device: torch.device) -> None:
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> List[float]:
     """Wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (device synchronised)."""
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
         fn()
         _sync(device)
@@ -72,7 +65,7 @@ def random_images(adapter: Adapter, batch: int, size: int, seed: int = 0) -> tor
     depend on the content)."""
     ph, pw = adapter.preprocessing.patch_size
     if size % ph or size % pw or size < max(ph, pw):
-        raise ValueError(f"--size {size} is not a positive multiple of {adapter.name}'s {ph}x{pw} patch size")
+        raise ConfigError(f"--size {size} is not a positive multiple of {adapter.name}'s {ph}x{pw} patch size")
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g).to(device=adapter.device, dtype=adapter.dtype)
 
@@ -87,7 +80,7 @@ def chain_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str
 def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int = -1, start_block: int = 1,
               batch: int = 1, repeats: int = 3, warmup: int = 1, segment: bool = False, backend: str = "auto",
               memory_budget: Optional[int] = None, matmul_n: int = 4096,
-              compute_dtype: Optional[torch.dtype] = None) -> dict:
+              compute_dtype: ComputeDtype = None) -> dict:
     """Time ``explain`` on random images and report speed, FLOPs, utilisation and peak memory.
 
     Seconds per image are the call's wall time divided by ``batch``. Utilisation is the achieved
@@ -99,6 +92,9 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
     also given against the matrix product in that dtype.
     """
     from ..engine import explain
+    device = adapter.device
+    # Refuses a half dtype this device does not compute natively, before any timing or matmul probe.
+    compute_dtype = resolve_compute_dtype(compute_dtype, device, adapter.dtype)
     x = random_images(adapter, batch, size)
     grid = adapter.grid_size(x)
     P = adapter.num_prefix_tokens
@@ -107,12 +103,13 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
               compute_dtype=compute_dtype)
     fc = explain_flops(adapter, tuple(x.shape[-2:]), targets=tgt, layer=layer, start_block=start_block,
                        batch=batch, memory_budget=memory_budget)
-    device = adapter.device
     times = time_calls(lambda: explain(adapter, x, **kw), repeats, warmup, device)
     with PeakMemory(device) as pm:
         explain(adapter, x, **kw)
     best, median = min(times), statistics.median(times)
-    rate = matmul_rate(adapter.dtype, n=matmul_n, device=device)
+    rates = same_run_matmul_rates(device, n=matmul_n, dtypes=(adapter.dtype, torch.float32, torch.bfloat16)
+                                  + ((compute_dtype,) if compute_dtype is not None else ()))
+    rate = rates[_name(adapter.dtype)]["flops_per_second"]
     achieved = fc.total / best
     out = {
         "model": adapter.name, "device": str(device), "dtype": str(adapter.dtype).replace("torch.", ""),
@@ -129,14 +126,33 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
         "peak_memory_bytes": pm.peak_bytes,
         "peak_memory_kind": "cuda max_memory_allocated growth" if device.type == "cuda" else "process RSS growth",
         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "hardware": hardware_info(device), "matmul_rates": rates,
     }
     if compute_dtype is not None and compute_dtype != adapter.dtype:
-        same = matmul_rate(compute_dtype, n=matmul_n, device=device)
+        same = rates[_name(compute_dtype)]["flops_per_second"]
         out.update(matmul_compute_dtype_flops_per_second=same, utilisation_compute_dtype=achieved / same)
     if segment:
         out["segment_images_per_second"] = segment_rate(adapter, x, repeats, warmup, layer=layer,
                                                         start_block=start_block, backend=backend,
                                                         memory_budget=memory_budget, compute_dtype=compute_dtype)
+    return out
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def same_run_matmul_rates(device: torch.device, n: int = 4096,
+                          dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> Dict[str, dict]:
+    """{dtype name: {"flops_per_second", "n", "native"}}: the square matrix-product rate of each dtype,
+    measured now on ``device``. A half dtype the CPU does not compute natively is timed on a 256² product
+    once (a 4096² one would take minutes there), and marked ``native: False``."""
+    out: Dict[str, dict] = {}
+    for dtype in dict.fromkeys(dtypes):
+        native, why = supports_fast(dtype, device)
+        side, repeats = (n, 3) if native else (min(n, 256), 1)
+        out[_name(dtype)] = {"flops_per_second": matmul_rate(dtype, n=side, device=device, repeats=repeats),
+                             "n": side, "native": native, "why": why}
     return out
 
 
@@ -180,6 +196,12 @@ def format_table(r: dict) -> str:
         ("FLOPs / image", _si(r["flops_per_image"], "FLOP")),
         ("achieved", _si(r["achieved_flops_per_second"], "FLOP/s")),
         (f"matmul {r['matmul_n']}^2", _si(r["matmul_flops_per_second"], "FLOP/s")),
+        ("matmul rates", ", ".join(f"{k} {_si(v['flops_per_second'], 'FLOP/s')} ({v['n']}^2"
+                                   + ("" if v["native"] else ", not native") + ")"
+                                   for k, v in r.get("matmul_rates", {}).items())),
+        ("hardware", f"{r['hardware']['cpu_model']}, CPU capability {r['hardware']['cpu_capability']}, "
+                     f"{r['hardware']['cpu_count']} cores" + (f", {r['hardware']['gpu']}" if 'gpu' in r['hardware']
+                                                              else "") if "hardware" in r else "?"),
         ("utilisation", f"{100 * r['utilisation']:.1f} %" + (
             f" of fp32; {100 * r['utilisation_compute_dtype']:.1f} % of {r['compute_dtype']}"
             if "utilisation_compute_dtype" in r else "")),

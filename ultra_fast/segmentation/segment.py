@@ -1,4 +1,4 @@
-"""Zero-shot segmentation from the maps of all patch tokens (SPEC §4), or of a strided subset of them."""
+"""Zero-shot segmentation from the maps of all patch tokens (docs/method.md §4), or of a strided subset of them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,26 +8,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cluster import cluster_tokens, min_max
+from ..errors import ConfigError, InputError
+from ..engine.targets import stride_targets
+from .aggregation import AGGREGATIONS, Partition, aggregate, last_layer_tokens, needs_features
+from .cluster import min_max
 
 ASSIGN_RULES = ("argmax", "token")
 #: Pixels x explained tokens compared at once by ``nearest_token`` (128 MiB of int64).
 NEAREST_BUDGET = 1 << 24
 
 Positions = Union[np.ndarray, torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
-
-#: Names of the backward dtypes a fast run may ask for (``explain(compute_dtype=...)``); None = exact.
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_compute_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """``"bfloat16"`` -> ``torch.bfloat16``; None -> None (the exact mode)."""
-    if name is None:
-        return None
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute dtype {name!r}; expected one of {sorted(COMPUTE_DTYPES)} or none")
-    return COMPUTE_DTYPES[name]
-
 
 @dataclass
 class Segmentation:
@@ -56,10 +46,9 @@ def strided_targets(grid: Tuple[int, int], num_prefix: int, stride: int):
     """(``explain`` targets, (n_sub,) row-major patch positions or None) for a target stride: all patches
     (``"patches"``, None) at 1, else every ``stride``-th patch along rows and columns."""
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"target_stride must be a positive int; got {stride!r}")
+        raise ConfigError(f"target_stride must be a positive int; got {stride!r}")
     if stride == 1:
         return "patches", None
-    from ..profiling.bench import stride_targets
     tokens = stride_targets((int(grid[0]), int(grid[1])), num_prefix, int(stride))
     return tokens, np.asarray(tokens, dtype=np.int64) - num_prefix
 
@@ -76,21 +65,21 @@ def grid_positions(token_positions: Positions, grid: Tuple[int, int], count: Opt
     pos = pos.astype(np.int64)
     if pos.ndim == 1:
         if pos.size and (pos.min() < 0 or pos.max() >= h * w):
-            raise ValueError(f"token_positions: patch indices must lie in 0..{h * w - 1} (the {h}x{w} grid); "
+            raise InputError(f"token_positions: patch indices must lie in 0..{h * w - 1} (the {h}x{w} grid); "
                              f"got {pos.min()}..{pos.max()}")
         pos = np.stack([pos // w, pos % w], axis=1)
     elif pos.ndim == 2 and pos.shape[1] == 2:
         if pos.size and ((pos < 0).any() or (pos[:, 0] >= h).any() or (pos[:, 1] >= w).any()):
-            raise ValueError(f"token_positions: (row, col) pairs must lie in the {h}x{w} grid")
+            raise InputError(f"token_positions: (row, col) pairs must lie in the {h}x{w} grid")
     else:
-        raise ValueError(f"token_positions must be (n_sub,) patch indices or (n_sub, 2) (row, col) pairs; got "
+        raise InputError(f"token_positions must be (n_sub,) patch indices or (n_sub, 2) (row, col) pairs; got "
                          f"shape {pos.shape}")
     if count is not None and len(pos) != count:
-        raise ValueError(f"{len(pos)} token_positions for {count} maps")
+        raise InputError(f"{len(pos)} token_positions for {count} maps")
     if len(pos) == 0:
-        raise ValueError("token_positions is empty: at least one explained token is needed")
+        raise InputError("token_positions is empty: at least one explained token is needed")
     if len(np.unique(pos[:, 0] * w + pos[:, 1])) != len(pos):
-        raise ValueError("token_positions repeat a patch")
+        raise InputError("token_positions repeat a patch")
     return pos
 
 
@@ -123,15 +112,49 @@ def nearest_token(positions: np.ndarray, grid: Tuple[int, int], size: Tuple[int,
     return order[out]
 
 
+def token_partition(maps: torch.Tensor, metric: str = "cosine", method: str = "average",
+                    token_positions: Optional[Positions] = None, aggregation: str = "paper",
+                    features: Optional[np.ndarray] = None, seed: int = 0) -> Partition:
+    """One image's ``Partition`` of its (n, h, w) maps (``aggregation.aggregate``), computed once: pass it
+    to ``segment_maps(partition=...)`` for every cut and pixel rule of a sweep."""
+    n, h, w = _check_maps(maps, token_positions)
+    pos = None if token_positions is None else grid_positions(token_positions, (h, w), n)
+    flat = min_max(maps.reshape(n, -1).double().cpu().numpy())
+    return aggregate(flat, (h, w), aggregation, None if pos is None else pos[:, 0] * w + pos[:, 1],
+                     None if features is None else _numpy(features), metric, method, seed=seed)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _check_maps(maps: torch.Tensor, token_positions: Optional[Positions]) -> Tuple[int, int, int]:
+    if maps.dim() != 3:
+        raise InputError(f"maps must be (n, h, w), one grid-resolution map per token; got shape {tuple(maps.shape)}")
+    n, h, w = maps.shape
+    if token_positions is None and n != h * w:
+        raise InputError(f"expected the maps of all {h * w} patch tokens, got {n} (pass token_positions "
+                         f"for a subset)")
+    return n, h, w
+
+
 def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[float] = 0.4,
                  n_clusters: Optional[int] = None, metric: str = "cosine", method: str = "average",
                  assign: str = "argmax", interpolation: str = "bilinear",
-                 token_positions: Optional[Positions] = None) -> Segmentation:
+                 token_positions: Optional[Positions] = None, aggregation: str = "paper",
+                 features: Optional[Union[np.ndarray, torch.Tensor]] = None,
+                 partition: Optional[Partition] = None) -> Segmentation:
     """Segment one image from the (n, h, w) maps of its n patch tokens (row-major token order).
 
     ``token_positions`` (a fast mode: only some tokens explained, e.g. every k-th patch): the patches
     whose maps ``maps`` holds, (n_sub,) row-major patch indices or (n_sub, 2) (row, col) pairs in map
     order; ``maps`` is then (n_sub, h, w) and the clustering runs on those maps only.
+
+    ``aggregation`` (``aggregation.AGGREGATIONS``): how tokens are grouped; ``"paper"`` (default) is the
+    paper's hierarchical clustering cut at ζ = ``threshold``; the spectral strategies take
+    ``n_clusters`` or pick the count by the eigengap. ``features``: (n, D) the explained tokens'
+    features, for the strategies that read them. ``partition``: the image's ``token_partition``,
+    computed once for a sweep of cuts (then ``aggregation``/``features``/``metric``/``method`` are its).
 
     ``assign="argmax"`` (the paper): each pixel takes the cluster whose summed (over its member maps),
     upsampled, min-max scaled map is largest there. ``assign="token"``: each pixel takes the cluster of
@@ -140,23 +163,24 @@ def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[
     (``nearest_token``; when the subset covers every patch, the plain rule).
     """
     if assign not in ASSIGN_RULES:
-        raise ValueError(f"unknown assign rule {assign!r}; expected one of {ASSIGN_RULES}")
-    if maps.dim() != 3:
-        raise ValueError(f"maps must be (n, h, w), one grid-resolution map per token; got shape {tuple(maps.shape)}")
-    n, h, w = maps.shape
-    pos = None
-    if token_positions is None:
-        if n != h * w:
-            raise ValueError(f"expected the maps of all {h * w} patch tokens, got {n} (pass token_positions "
-                             f"for a subset)")
-    else:
-        pos = grid_positions(token_positions, (h, w), n)
-    flat = min_max(maps.reshape(n, -1).double().cpu().numpy())
-    ids, Z = cluster_tokens(flat, threshold, n_clusters, metric, method)
+        raise ConfigError(f"unknown assign rule {assign!r}; expected one of {ASSIGN_RULES}")
+    n, h, w = _check_maps(maps, token_positions)
+    pos = None if token_positions is None else grid_positions(token_positions, (h, w), n)
+    if partition is None:
+        partition = token_partition(maps, metric, method, token_positions, aggregation, features)
+    elif partition.maps.shape != (n, h * w):
+        raise InputError(f"partition is of {partition.maps.shape[0]} maps of {partition.maps.shape[1]} patches, "
+                         f"not of these ({n}, {h}x{w})")
+    flat = partition.maps
+    ids = partition.cut(threshold, n_clusters)
     K = int(ids.max()) + 1
     # Upsampling is linear, so summing at grid resolution then upsampling equals summing upsampled maps.
     sums = torch.zeros(K, h * w, dtype=torch.float64)
-    sums.index_add_(0, torch.from_numpy(ids), torch.from_numpy(flat))
+    if partition.summed.all():
+        sums.index_add_(0, torch.from_numpy(ids), torch.from_numpy(flat))
+    else:  # artefact tokens take a cluster but do not shape its map
+        keep = partition.summed
+        sums.index_add_(0, torch.from_numpy(ids[keep]), torch.from_numpy(flat[keep]))
     up = F.interpolate(sums.reshape(1, K, h, w), size=tuple(size), mode=interpolation, align_corners=False)[0]
     lo = up.amin((1, 2), keepdim=True)
     span = up.amax((1, 2), keepdim=True) - lo
@@ -169,25 +193,30 @@ def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[
         labels = F.interpolate(token_grid, size=tuple(size), mode="nearest")[0, 0].long().numpy()
     else:
         labels = ids[nearest_token(pos, (h, w), size)]
-    return Segmentation(labels.astype(np.int32), cluster_maps.float().numpy(), token_clusters, Z, pos)
+    return Segmentation(labels.astype(np.int32), cluster_maps.float().numpy(), token_clusters, partition.linkage,
+                        pos)
 
 
 def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int]]] = None,
             threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None, metric: str = "cosine",
             method: str = "average", assign: str = "argmax", interpolation: str = "bilinear",
-            target_stride: int = 1, **explain_kwargs) -> List[Segmentation]:
+            target_stride: int = 1, aggregation: str = "paper", **explain_kwargs) -> List[Segmentation]:
     """Explain the patch tokens of each image and segment it; one ``Segmentation`` per image.
 
     ``sizes``: the (H, W) of each original image (labels come at that resolution); default: the
     input tensor's size. ``target_stride`` k > 1 (a fast mode, about k² times fewer targets): explain
     only every k-th patch along rows and columns and segment from those maps (see ``segment_maps``).
+    ``aggregation``: how the maps become segments (``aggregation.AGGREGATIONS``; the strategies that read
+    features get the last block's patch tokens from one extra forward).
     ``explain_kwargs`` go to ``ultra_fast.explain`` (layer, scalar, order, start_block, compute_dtype, ...).
     """
     from ..engine import explain
     from ..models import wrap
     explain_kwargs.setdefault("targets", "patches")
     if explain_kwargs["targets"] != "patches":
-        raise ValueError("segmentation explains patch tokens itself (targets='patches'; see target_stride)")
+        raise ConfigError("segmentation explains patch tokens itself (targets='patches'; see target_stride)")
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
     adapter = wrap(model)
     targets, positions = strided_targets(adapter.grid_size(images), adapter.num_prefix_tokens, target_stride)
     explain_kwargs["targets"] = targets
@@ -195,6 +224,10 @@ def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int
     if sizes is None:
         sizes = [tuple(images.shape[-2:])] * images.shape[0]
     if len(sizes) != images.shape[0]:
-        raise ValueError(f"{len(sizes)} sizes for {images.shape[0]} images")
-    return [segment_maps(m, s, threshold, n_clusters, metric, method, assign, interpolation, positions)
-            for m, s in zip(maps, sizes)]
+        raise InputError(f"{len(sizes)} sizes for {images.shape[0]} images")
+    feats: List[Optional[np.ndarray]] = [None] * images.shape[0]
+    if needs_features(aggregation):
+        tokens = last_layer_tokens(adapter, images.to(device=adapter.device, dtype=adapter.dtype))
+        feats = [t if positions is None else t[positions] for t in tokens]
+    return [segment_maps(m, s, threshold, n_clusters, metric, method, assign, interpolation, positions,
+                         aggregation, f) for m, s, f in zip(maps, sizes, feats)]
