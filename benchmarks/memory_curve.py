@@ -43,6 +43,7 @@ def measure_point(model: str, size: int, targets: str, budget: Optional[int], ma
                   device: str, dtype: str) -> dict:
     """One point, in this process: load the model, explain, and report the peak."""
     import torch
+
     from ultra_fast import create_model, explain
     from ultra_fast.cli.common import DTYPES
     from ultra_fast.engine.options import default_memory_budget

@@ -85,9 +85,17 @@ def summarize(data: dict) -> str:
     for b in data["benchmarks"]:
         groups.setdefault(b.get("group") or "ungrouped", []).append(b)
     cpu = data.get("machine_info", {}).get("cpu", {})
-    out = [f"Machine: {cpu.get('brand_raw', '?')} ({cpu.get('count', '?')} logical CPUs); "
+    uf = data.get("machine_info", {}).get("ultra_fast", {})
+    hw = uf.get("hardware", {})
+    out = [f"Machine: {hw.get('cpu_model') or cpu.get('brand_raw', '?')} ({cpu.get('count', '?')} logical CPUs"
+           f"{', CPU capability ' + hw['cpu_capability'] if 'cpu_capability' in hw else ''}"
+           f"{', ' + hw['gpu'] if 'gpu' in hw else ''}; torch {hw.get('torch', '?')}); "
            f"{data.get('datetime', '')}. Times are the best round; utilisation = achieved FLOP/s of the fast "
            f"engine's count over one large fp32 matrix product on the same device.", ""]
+    for device, rates in uf.get("matmul_rates", {}).items():
+        out += [f"Same-run matrix products on {device}: " + ", ".join(
+            f"{k} {r['flops_per_second'] / 1e9:.1f} GFLOP/s ({r['n']}²{'' if r['native'] else ', not native'})"
+            for k, r in rates.items()) + ".", ""]
     for name, benches in groups.items():
         out += [f"### {name}", ""] + group_table(benches) + [""]
     return "\n".join(out)

@@ -1,4 +1,4 @@
-"""Per-image-protocol mIoU / accuracy (SPEC §6) of ULTra segmentation on the shared real data.
+"""Per-image-protocol mIoU / accuracy (docs/method.md §6) of ULTra segmentation on the shared real data.
 
 Superseded by ``ultra-fast eval`` (both protocols, baselines, ITIoU, perturbation, caching and resume);
 this wrapper keeps the old command line and runs it with the per-image protocol only:

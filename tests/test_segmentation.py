@@ -1,4 +1,4 @@
-"""Segmentation from token maps (SPEC §4) on constructed maps whose right answer is known."""
+"""Segmentation from token maps (docs/method.md §4) on constructed maps whose right answer is known."""
 import numpy as np
 import pytest
 import torch

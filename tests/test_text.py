@@ -1,4 +1,4 @@
-"""Text (SPEC §7): HF text adapters, the engine against the naive reference on token rows, contributions."""
+"""Text (docs/method.md §7): HF text adapters, the engine against the naive reference on token rows, contributions."""
 import argparse
 import importlib.util
 import re
@@ -7,9 +7,20 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="the text adapters need transformers")
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ultra_fast.engine.explain import explain_rows  # noqa: E402
 from ultra_fast.models import UnsupportedModelError  # noqa: E402

@@ -1,4 +1,4 @@
-"""ULTra_W (SPEC §5): the self-consistency loss, the training loop, its checkpoints, loading and the CLI."""
+"""ULTra_W (docs/method.md §5): the self-consistency loss, the training loop, its checkpoints, loading and the CLI."""
 import math
 import re
 
@@ -7,12 +7,23 @@ import pytest
 import torch
 from PIL import Image
 
-import models_zoo as zoo
-from conftest import assets_dir
 from ultra_fast import create_model, explain, explain_naive, wrap
 from ultra_fast.cli.main import main as cli_main
-from ultra_fast.training import (batch_seed, consistency_pairs, epoch_order, inside_tokens, load_w,
-                                 perturb_outside, segment_with_w, self_consistency_loss, tokens_at, train_w)
+from ultra_fast.training import (
+    batch_seed,
+    consistency_pairs,
+    epoch_order,
+    inside_tokens,
+    load_w,
+    perturb_outside,
+    segment_with_w,
+    self_consistency_loss,
+    tokens_at,
+    train_w,
+)
+
+import models_zoo as zoo
+from conftest import assets_dir
 
 TINY = "clip_b32"          # random timm ViT-B/32: 12 blocks, 1 prefix token, d = 768
 TINY_SIZE = (96, 128)      # a 3x4 patch grid

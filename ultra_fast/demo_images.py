@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from PIL import Image
 
+from .errors import ConfigError
+
 DEMO_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "cat")
 
 
 def demo_image(name: str) -> Image.Image:
     if name not in DEMO_IMAGES:
-        raise ValueError(f"unknown demo image {name!r}; expected one of {DEMO_IMAGES}")
+        raise ConfigError(f"unknown demo image {name!r}; expected one of {DEMO_IMAGES}")
     try:
         import skimage.data
     except ImportError as e:

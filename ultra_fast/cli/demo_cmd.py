@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
                       "on 2 CPU cores; 224: ~1-2 min)")
     from .segment_cmd import add_cluster_args
     add_cluster_args(p)
+    p.add_argument("--explorer-layers", default="last",
+                   help="layers of each photo's explorer page <name>_explorer.html: 'last' (default: the "
+                        "segmentation's maps, no extra time), 'all', e.g. '4,8,12', or 'none' for no page")
 
 
 def sheet(rows, height: int = 240, pad: int = 6, caption_h: int = 16):
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import save_image
     from ..segmentation.run import SegmentSettings, segment_image
     from ..viz.labels import label_image, label_overlay
+    from .explore_cmd import demo_page
     from .segment_cmd import settings_from_args
 
     names = [n.strip() for n in args.images.split(",") if n.strip()]
@@ -70,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         ov = label_overlay(img, res.labels)
         save_image(ov, out / f"{name}_overlay.png")
         save_image(label_image(res.labels), out / f"{name}_labels.png")
+        if args.explorer_layers != "none":
+            demo_page(adapter, img, res, s, out / f"{name}_explorer.html", layers=args.explorer_layers,
+                      backend=args.backend, title=f"ULTra explorer: {name}")
         h, w = res.token_clusters.shape
         caption = f"{name}: {res.num_segments} segments, {h}x{w} patches, {dt:.1f} s"
         rows.append((caption, img, ov))

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar, Union
 
+from ..errors import ConfigError
 from .common import add_fast_mode_args, add_model_args, load_model
 
 T = TypeVar("T")
@@ -28,7 +29,7 @@ def add_parser(sub) -> None:
     from ..data import DATASETS
     p = sub.add_parser("eval", help="evaluate ULTra segmentation / ITIoU / perturbation on a labelled dataset",
                        description="Unsupervised segmentation mIoU and accuracy (per-image and dataset-wide "
-                                   "protocols), ITIoU object selection and the perturbation test (SPEC section 6), "
+                                   "protocols), ITIoU object selection and the perturbation test (docs/method.md §6), "
                                    "with k-means and CLS-rollout baselines; cached per image and resumable.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, help="dataset layout (required unless --summarise-only)")
@@ -47,11 +48,18 @@ def add_parser(sub) -> None:
     p.add_argument("--assign", default="argmax,token", help="pixel rules, comma list (default: %(default)s)")
     p.add_argument("--thresholds", default="0.25,0.3,0.4,0.5",
                    help="clustering cuts ζ, comma list (default: %(default)s)")
+    p.add_argument("--aggregation", default="paper", metavar="NAMES",
+                   help="aggregation strategies, comma list starting with paper (the paper's clustering); the others "
+                        "are cut to its segment counts and compared with feature k-means / spectral at those counts: "
+                        "paper, spectral, joint, and each +clean (artefact tokens neutralised) (default: %(default)s)")
+    p.add_argument("--maps-cache", default=None, metavar="DIR",
+                   help="keep every image's maps in DIR and reuse them: runs differing only in how maps are "
+                        "segmented or scored (zeta, rules, aggregations) explain each image once")
     p.add_argument("--layers", default="-1", help="layers to explain, e.g. -1 or 4,6,8,10,12 (default: %(default)s)")
     p.add_argument("--baselines", default="kmeans,cls_rollout",
                    help="kmeans, cls_rollout (VOC-style datasets only), or none (default: %(default)s)")
     p.add_argument("--taus", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-                   help="ITIoU thresholds τ, comma list (default: %(default)s)")
+                   help="ITIoU thresholds τ, comma list, or none (no ITIoU) (default: %(default)s)")
     p.add_argument("--perturbation", action=argparse.BooleanOptionalAction, default=True,
                    help="run the perturbation test on the primary setting (default: on)")
     p.add_argument("--perturb-k", type=int, default=10, help="tokens tested per image (default: %(default)s)")
@@ -73,13 +81,13 @@ def parse_list(text: str, convert: Callable[[str], T], what: str) -> Tuple[T, ..
     """Comma-separated values, each converted, with an error naming the option and the bad item."""
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
-        raise ValueError(f"{what} is empty")
+        raise ConfigError(f"{what} is empty")
     out = []
     for item in items:
         try:
             out.append(convert(item))
         except ValueError:
-            raise ValueError(f"{what} {text!r}: cannot read {item!r}") from None
+            raise ConfigError(f"{what} {text!r}: cannot read {item!r}") from None
     return tuple(out)
 
 
@@ -89,9 +97,9 @@ def parse_size(text: str) -> Union[int, Tuple[int, int]]:
     try:
         values = [int(v) for v in parts]
     except ValueError:
-        raise ValueError(f"--size {text!r}: expected S or HxW in pixels, e.g. 224 or 224x320") from None
+        raise ConfigError(f"--size {text!r}: expected S or HxW in pixels, e.g. 224 or 224x320") from None
     if len(values) not in (1, 2) or min(values) < 1:
-        raise ValueError(f"--size {text!r}: expected S or HxW with positive sides")
+        raise ConfigError(f"--size {text!r}: expected S or HxW with positive sides")
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
@@ -105,9 +113,9 @@ def parse_slice(text: Optional[str]) -> slice:
             raise ValueError
         start, stop = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        raise ValueError(f"--images {text!r}: expected START:STOP, e.g. 0:100 or 100:") from None
+        raise ConfigError(f"--images {text!r}: expected START:STOP, e.g. 0:100 or 100:") from None
     if (start is not None and start < 0) or (stop is not None and stop < 0):
-        raise ValueError(f"--images {text!r}: START and STOP must be >= 0")
+        raise ConfigError(f"--images {text!r}: START and STOP must be >= 0")
     return slice(start, stop)
 
 
@@ -116,11 +124,11 @@ def config_from_args(args: argparse.Namespace):
     scalars = parse_list(args.scalars, str, "--scalars")
     bad = [s for s in scalars if s not in ("sum", "energy", "norm")]
     if bad:
-        raise ValueError(f"--scalars {bad}: expected some of sum, energy, norm (--weights adds 'learned')")
+        raise ConfigError(f"--scalars {bad}: expected some of sum, energy, norm (--weights adds 'learned')")
     size = parse_size(args.size) if args.size is not None else DEFAULT_SIZE
     weights = None
     if args.weights:
-        from ..training.checkpoint import load_w
+        from ..engine.w_checkpoint import load_w
         weights = str(Path(args.weights).resolve())
         scalars += ("learned",)
         if args.size is None:
@@ -131,10 +139,12 @@ def config_from_args(args: argparse.Namespace):
     return EvalConfig(size=size, scalars=scalars, layers=parse_list(args.layers, int, "--layers"),
                       assigns=parse_list(args.assign, str, "--assign"),
                       thresholds=parse_list(args.thresholds, float, "--thresholds"), protocols=protocols,
-                      baselines=baselines, taus=parse_list(args.taus, float, "--taus"),
+                      baselines=baselines,
+                      taus=() if str(args.taus).strip().lower() == "none" else parse_list(args.taus, float, "--taus"),
                       perturbation=args.perturbation, perturb_k=args.perturb_k, weights=weights, seed=args.seed,
                       start_block=args.start_block, compute_dtype=args.compute_dtype,
-                      target_stride=args.target_stride)
+                      target_stride=args.target_stride,
+                      aggregations=parse_list(args.aggregation, str, "--aggregation"))
 
 
 def _print_summary(results) -> None:
@@ -162,9 +172,9 @@ def run(args: argparse.Namespace) -> int:
         _print_summary(results)
         return 0
     if not args.dataset or not args.root:
-        raise ValueError("--dataset and --root are required (unless --summarise-only)")
+        raise ConfigError("--dataset and --root are required (unless --summarise-only)")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit} is impossible (>= 1)")
+        raise ConfigError(f"--limit {args.limit} is impossible (>= 1)")
     config = config_from_args(args)
     config.validate()
     options = {"image_list": args.image_list} if args.image_list else {}
@@ -174,13 +184,13 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         dataset = dataset.subset(slice(0, args.limit))
     if not len(dataset):
-        raise ValueError(f"--images {args.images} selects none of the {total} samples of {args.dataset}")
+        raise ConfigError(f"--images {args.images} selects none of the {total} samples of {args.dataset}")
     t0 = time.perf_counter()
     model = load_model(args)
     info = {"name": args.model, "pretrained": str(args.pretrained),
             "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None, "dtype": args.dtype}
     results = run_evaluation(model, dataset, config, args.out, model_info=info, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, maps_cache=args.maps_cache)
     _print_summary(results)
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and plots ({time.perf_counter() - t0:.0f} s)")
     return 0

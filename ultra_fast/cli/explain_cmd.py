@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .common import add_method_args, add_model_args, compute_dtype, load_model, target_stride
 
 
@@ -40,7 +41,7 @@ def parse_tokens(text, grid):
     for part in text.split(";"):
         r, c = (int(v) for v in part.split(","))
         if not (0 <= r < grid[0] and 0 <= c < grid[1]):
-            raise ValueError(f"token {r},{c} is outside the {grid[0]}x{grid[1]} patch grid")
+            raise ConfigError(f"token {r},{c} is outside the {grid[0]}x{grid[1]} patch grid")
         out.append((r, c))
     return out
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     ph, pw = adapter.preprocessing.patch_size
     stride = target_stride(args)
     if stride > 1 and args.tokens:
-        raise ValueError("--tokens and --target-stride both choose the tokens; give one of them")
+        raise ConfigError("--tokens and --target-stride both choose the tokens; give one of them")
     if args.tokens:
         cells = parse_tokens(args.tokens, grid)
     elif stride > 1:

@@ -6,6 +6,11 @@ import sys
 import time
 from pathlib import Path
 
+from .. import distributed, pipeline
+from ..data import list_inputs
+from ..errors import ConfigError
+from ..segmentation.cluster import LINKAGES, METRICS
+from ..segmentation.run import SegmentSettings
 from .common import add_method_args, add_model_args, load_model, target_stride
 
 DEFAULT_SIZE = 224
@@ -16,7 +21,9 @@ outputs (per image, <name> = its path relative to the folder/glob/list it came f
   DIR/overlays/<name>.png  the image tinted by segment
   DIR/maps/<name>.npz      with --save-maps: token maps, token clusters, linkage
   DIR/manifest.jsonl       one line per input (status ok|error, outputs, num_segments, seconds)
+  DIR/run.json             the settings, written with the first finished image
 A restart with the same DIR skips finished images (resume); unreadable files are reported and skipped.
+One run at a time per DIR; DIR may lie inside an input folder (it is skipped) but not be one.
 Many processes: torchrun --nproc_per_node=K -m ultra_fast segment ... (rank r takes inputs r::K).
 """
 
@@ -24,7 +31,7 @@ Many processes: torchrun --nproc_per_node=K -m ultra_fast segment ... (rank r ta
 def add_parser(sub) -> None:
     p = sub.add_parser("segment", help="zero-shot segmentation of images, folders, globs or .txt lists",
                        description="Cluster the ULTra maps of all patch tokens of each image into segments "
-                                   "(SPEC section 4) and write label PNGs and overlays.",
+                                   "(docs/method.md §4) and write label PNGs and overlays.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUTS",
                    help="image files, folders (walked recursively), globs, or .txt files listing paths")
@@ -50,7 +57,6 @@ def add_parser(sub) -> None:
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    from ..segmentation.cluster import LINKAGES, METRICS
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--threshold", type=float, default=None,
                      help="cut the dendrogram at this distance (0 < threshold <= 2 for cosine; default: 0.4)")
@@ -59,53 +65,67 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--linkage", default="average", choices=LINKAGES)
     p.add_argument("--assign", default="argmax", choices=["argmax", "token"],
                    help="pixel rule: argmax of the cluster maps (paper) or the cluster of its patch's token")
+    add_aggregation_arg(p)
+
+
+def add_aggregation_arg(p: argparse.ArgumentParser) -> None:
+    from ..segmentation.aggregation import AGGREGATIONS
+    p.add_argument("--aggregation", default="paper", choices=AGGREGATIONS,
+                   help="how the token maps become segments: paper (the paper's hierarchical clustering, cut at "
+                        "--threshold), spectral (normalised cut of the token-to-token relevance), joint (the same "
+                        "on relevance and feature similarity); +clean neutralises high-norm artefact tokens "
+                        "first. The spectral ones take --n-clusters or pick the count by the eigengap "
+                        "(default: %(default)s)")
 
 
 def settings_from_args(args):
-    from ..segmentation.run import SegmentSettings
     threshold = args.threshold if args.threshold is not None else (None if args.n_clusters is not None else 0.4)
     s = SegmentSettings(model=args.model, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
                         pretrained=str(args.pretrained), dtype=args.dtype, size=args.size,
                         max_tokens=getattr(args, "max_tokens", 4096), layer=args.layer, scalar=args.scalar,
                         order=args.order, start_block=args.start_block, threshold=threshold,
                         n_clusters=args.n_clusters, metric=args.metric, method=args.linkage, assign=args.assign,
+                        aggregation=getattr(args, "aggregation", "paper"),
                         compute_dtype=getattr(args, "compute_dtype", None), target_stride=target_stride(args))
     s.validate()
     return s
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import distributed
-    from ..data import list_inputs
-    from ..segmentation import run as runner
-
     settings = settings_from_args(args)
     for name in ("batch_size", "workers"):
         if getattr(args, name) < (1 if name == "batch_size" else 0):
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is impossible")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} is impossible")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
+        raise ConfigError(f"--out {out_dir} exists and is not a folder")
     items = list_inputs(args.inputs, exclude=[out_dir])
     if not items:
         raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}")
-    runner.check_no_overwrite(items, out_dir, save_maps=True)
+    pipeline.check_no_overwrite(items, out_dir, save_maps=True)
+    pipeline.check_out_dir(args.inputs, out_dir)
     rank, world, device = distributed.init(args.device)
+    # Rank 0 holds the folder for the whole run (the other ranks wait at the barrier until it has it);
+    # run.json is only checked here: it is written once the first image is finished.
+    lock = pipeline.OutputLock(out_dir)
     try:
-        args.device = device
-        runner.check_settings(out_dir, settings, write=rank == 0)
+        if rank == 0:
+            lock.acquire()
+        pipeline.check_settings(out_dir, settings.to_json())
         distributed.barrier()
+        args.device = device
         t0 = time.perf_counter()
         adapter = load_model(args)
         t_load = time.perf_counter() - t0
-        summary = runner.run(adapter, items, out_dir, settings, rank=rank, world=world,
-                             batch_size=args.batch_size, workers=args.workers, save_maps=args.save_maps,
-                             max_images=args.max_images, backend=args.backend, progress=not args.no_progress)
+        summary = pipeline.run(adapter, items, out_dir, settings, rank=rank, world=world,
+                               batch_size=args.batch_size, workers=args.workers, save_maps=args.save_maps,
+                               max_images=args.max_images, backend=args.backend, progress=not args.no_progress)
         rate = summary.done / summary.seconds if summary.seconds > 0 and summary.done else 0.0
         who = f"rank {rank}/{world}: " if world > 1 else ""
         print(f"{who}{adapter.name}: {summary.done} segmented, {summary.skipped} already done, "
               f"{summary.errors} errors, of {summary.total} inputs in {summary.seconds:.1f} s "
               f"({rate:.2f} img/s; model load {t_load:.1f} s) -> {out_dir}", file=sys.stderr)
     finally:
+        lock.release()
         distributed.destroy()
     return 0

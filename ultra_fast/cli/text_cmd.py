@@ -1,4 +1,4 @@
-"""``ultra-fast text``: token contribution scores of a context for its summary, as an HTML page (SPEC §7)."""
+"""``ultra-fast text``: token contribution scores of a context for its summary, as an HTML page (docs/method.md §7)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--scalar", default="sum", choices=["sum", "energy", "norm"])
     p.add_argument("--order", default="rollout", choices=["rollout", "paper"])
     p.add_argument("--start-block", type=int, default=1)
+    p.add_argument("--sink-tokens", type=int, default=0, metavar="K",
+                   help="treat the first K tokens as attention sinks (prefix tokens, like CLS/registers): not "
+                        "scored, and each summary row scaled by its max over the scored tokens (default: 0, off)")
     p.add_argument("--top", type=int, default=10, help="print (and list) the top tokens (default: %(default)s)")
     p.add_argument("--scale", default="log", choices=["log", "max", "minmax", "rank"],
                    help="colour scale of the page (default: %(default)s)")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     budget = None if args.memory_budget is None else int(args.memory_budget * (1 << 30))
     c = contributions(model, tokenizer, context, summary, layer=args.layer, scalar=args.scalar,
                       separator=separator, order=args.order, start_block=args.start_block,
-                      backend=args.backend, memory_budget=budget)
+                      backend=args.backend, memory_budget=budget, sink_tokens=args.sink_tokens)
     save_html(c, args.out, title="ULTra token contributions to the TL;DR", top=args.top, scale=args.scale)
     if args.json:
         from ..io import atomic_write

@@ -1,4 +1,4 @@
-"""``ultra-fast train-w``: learn ULTra_W's per-token directions with the self-consistency loss (SPEC §5)."""
+"""``ultra-fast train-w``: learn ULTra_W's per-token directions with the self-consistency loss (docs/method.md §5)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import math
 import sys
 import time
 
+from ..errors import ConfigError
 from .common import add_model_args, load_model
 
 EPILOG = """\
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import train_w
 
     if args.n_images < 1:
-        raise ValueError(f"--n-images {args.n_images} is impossible (>= 1)")
+        raise ConfigError(f"--n-images {args.n_images} is impossible (>= 1)")
     items = list_inputs(args.images)
     if not items:
         raise FileNotFoundError(f"no images found in {' '.join(args.images)}")

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from ..errors import ConfigError
 from .common import add_fast_mode_args, add_method_args, add_model_args, load_model
 
 DEFAULT_SIZE = 168
@@ -40,13 +41,13 @@ def parse_thresholds(text: str, metric: str):
     try:
         ts = [float(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--thresholds {text!r}: expected comma-separated numbers, e.g. 0.2,0.3,0.4") from None
+        raise ConfigError(f"--thresholds {text!r}: expected comma-separated numbers, e.g. 0.2,0.3,0.4") from None
     if not ts:
-        raise ValueError("--thresholds is empty")
+        raise ConfigError("--thresholds is empty")
     upper = 2.0 if metric in ("cosine", "correlation") else float("inf")
     bad = [t for t in ts if not 0 < t <= upper]
     if bad:
-        raise ValueError(f"--thresholds {bad} impossible for {metric} distances (need 0 < t <= {upper:g})")
+        raise ConfigError(f"--thresholds {bad} impossible for {metric} distances (need 0 < t <= {upper:g})")
     return ts
 
 

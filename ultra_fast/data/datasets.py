@@ -1,4 +1,4 @@
-"""Readers for the standard semantic-segmentation layouts used by the evaluation suite (SPEC §6).
+"""Readers for the standard semantic-segmentation layouts used by the evaluation suite (docs/method.md §6).
 
 Every reader hands out labels already mapped to *train ids*: classes ``0..C-1`` and ``255`` for
 ignore, so metrics never need to know a dataset's raw encoding. The mapping is a 256-entry lookup
@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError, InputError
 from .inputs import IMAGE_EXTENSIONS
 
 IGNORE = 255
@@ -120,16 +121,16 @@ class SegDataset:
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
+            raise ConfigError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
         if not 1 <= self.num_classes <= IGNORE:
-            raise ValueError(f"{self.name}: num_classes must be in 1..255 (255 is the ignore id), "
-                             f"got {self.num_classes}")
+            raise ConfigError(f"{self.name}: num_classes must be in 1..255 (255 is the ignore id), "
+                              f"got {self.num_classes}")
         lut = np.asarray(self.lut)
         if lut.shape != (256,):
-            raise ValueError(f"{self.name}: label lookup table must have shape (256,), got {lut.shape}")
+            raise ConfigError(f"{self.name}: label lookup table must have shape (256,), got {lut.shape}")
         valid = (lut == _INVALID) | (lut == IGNORE) | ((lut >= 0) & (lut < self.num_classes))
         if not valid.all():
-            raise ValueError(f"{self.name}: label lookup table maps to ids outside 0..{self.num_classes - 1}, 255")
+            raise ConfigError(f"{self.name}: label lookup table maps to ids outside 0..{self.num_classes - 1}, 255")
         self.lut = lut.astype(np.int16)
 
     def __repr__(self) -> str:
@@ -156,7 +157,7 @@ class SegDataset:
         mapped = self.lut[raw]
         if (mapped == _INVALID).any():
             bad = np.unique(raw[mapped == _INVALID])
-            raise ValueError(f"label {sample.label} has value(s) {bad.tolist()[:20]} that are not valid "
+            raise InputError(f"label {sample.label} has value(s) {bad.tolist()[:20]} that are not valid "
                              f"{self.name} labels")
         return mapped.astype(np.uint8)
 
@@ -176,15 +177,15 @@ def read_label_values(path: Path) -> np.ndarray:
     """Raw per-pixel values of a single-channel label image (palette indices for mode "P") as (H, W) uint8."""
     with Image.open(path) as im:
         if im.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-            raise ValueError(f"label {path} has PIL mode {im.mode!r}; expected a single-channel index image "
+            raise InputError(f"label {path} has PIL mode {im.mode!r}; expected a single-channel index image "
                              f"(palette 'P' or grayscale 'L'), not a colour rendering")
         # For mode "P", np.array gives the palette indices, which are the class ids (never the colours).
         raw = np.array(im)
     if raw.ndim != 2:
-        raise ValueError(f"label {path} decodes to shape {raw.shape}, expected (H, W)")
+        raise InputError(f"label {path} decodes to shape {raw.shape}, expected (H, W)")
     if raw.dtype != np.uint8:
         if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise ValueError(f"label {path} has values outside 0..255 (range {raw.min()}..{raw.max()}); "
+            raise InputError(f"label {path} has values outside 0..255 (range {raw.min()}..{raw.max()}); "
                              "only 8-bit label ids are supported")
         raw = raw.astype(np.uint8)
     return raw
@@ -219,7 +220,7 @@ def _image_files(folder: Path) -> Dict[str, Path]:
     for f in sorted(folder.iterdir()):
         if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS:
             if f.stem in found:
-                raise ValueError(f"two files share the name {f.stem!r}: {found[f.stem]} and {f}")
+                raise InputError(f"two files share the name {f.stem!r}: {found[f.stem]} and {f}")
             found[f.stem] = f
     return found
 
@@ -260,8 +261,8 @@ def _restrict(samples: List[Sample], names: Sequence[str], source: object) -> Li
     by_name = {s.name: s for s in samples}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"{len(missing)} name(s) of image list {source!r} are not in the dataset, "
-                         f"e.g. {missing[:5]}")
+        raise ConfigError(f"{len(missing)} name(s) of image list {source!r} are not in the dataset, "
+                          f"e.g. {missing[:5]}")
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
@@ -363,7 +364,7 @@ def _folder(root: Path, split: str, num_classes: Optional[int] = None, ignore_in
     labels = _require_dir(root / label_dir, "label folder")
     samples = _pair_by_stem(images, labels)
     if not 0 <= ignore_index <= 255:
-        raise ValueError(f"ignore_index must be in 0..255, got {ignore_index}")
+        raise ConfigError(f"ignore_index must be in 0..255, got {ignore_index}")
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)
     if num_classes is None:
@@ -372,10 +373,10 @@ def _folder(root: Path, split: str, num_classes: Optional[int] = None, ignore_in
             seen[np.unique(read_label_values(s.label))] = True
         seen[[ignore_index, IGNORE]] = False
         if not seen.any():
-            raise ValueError(f"cannot infer num_classes: the labels under {labels} hold only ignore values")
+            raise InputError(f"cannot infer num_classes: the labels under {labels} hold only ignore values")
         num_classes = int(np.flatnonzero(seen).max()) + 1
     if ignore_index < num_classes:
-        raise ValueError(f"ignore_index {ignore_index} lies inside the class range 0..{num_classes - 1}")
+        raise ConfigError(f"ignore_index {ignore_index} lies inside the class range 0..{num_classes - 1}")
     names = tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(num_classes))
     return SegDataset("folder", root, split, num_classes, names, samples,
                       _identity_lut(num_classes, ignore_values=(ignore_index, IGNORE)))
@@ -397,7 +398,7 @@ def open_dataset(name: str, root: PathLike, split: str = "val", **options) -> Se
     ``label_dir``.
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{name} dataset root not found: {root}")
@@ -414,6 +415,6 @@ def open_dataset(name: str, root: PathLike, split: str = "val", **options) -> Se
     if image_list is not None:
         samples = sorted(_restrict(samples, _read_names(image_list), image_list), key=lambda s: s.name)
     if not samples:
-        raise ValueError(f"{name} dataset at {root} (split {split!r}) has no samples")
+        raise InputError(f"{name} dataset at {root} (split {split!r}) has no samples")
     dataset.samples = samples
     return dataset

@@ -6,24 +6,34 @@ unique within the run and stable across runs (the path relative to the folder / 
 file it came from, separators replaced by ``__``, without the extension), so ``a/x.png`` and
 ``b/x.png`` never write to the same output.
 
-``ImageDataset`` decodes and preprocesses in DataLoader workers; a file that cannot be read gives
-an item with ``error`` set instead of raising, so one corrupt file never stops a run.
+``ImageDataset`` decodes and preprocesses in DataLoader workers; a file that cannot be decoded gives
+an item with ``error`` set instead of raising, so one corrupt file never stops a run (any other
+exception is a bug and propagates). ``prefetch_loader``'s workers die with the process that started
+them, even when it is killed with SIGKILL.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import glob
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
+
+from ..errors import InputError
+from ..models.preprocess import load_images, preprocess, target_size, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm",
                     ".pbm", ".pnm")
-_GLOB_CHARS = set("*?[")
+GLOB_CHARS = set("*?[")
 SEP = "__"
 
 
@@ -49,11 +59,11 @@ def _walk(folder: Path, exclude: Sequence[Path]) -> List[Path]:
     return out
 
 
-def _glob_root(pattern: str) -> Path:
+def glob_root(pattern: str) -> Path:
     parts = Path(pattern).parts
     root = []
     for p in parts:
-        if _GLOB_CHARS & set(p):
+        if GLOB_CHARS & set(p):
             break
         root.append(p)
     return Path(*root) if root else Path(".")
@@ -83,10 +93,10 @@ def _expand(spec: str, exclude: Sequence[Path], from_list: Optional[Path] = None
                 out.extend(_expand(entry, exclude, from_list=p))
             return out
         return [(p, p.parent if from_list is None else from_list.parent)]
-    if _GLOB_CHARS & set(str(spec)):
+    if GLOB_CHARS & set(str(spec)):
         pattern = str(p)
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
-        root = _glob_root(pattern)
+        root = glob_root(pattern)
         files = []
         for m in matches:
             if m.is_dir():
@@ -148,7 +158,6 @@ def fit_size(image_hw: Tuple[int, int], size, cfg, max_tokens: Optional[int] = N
 
     Guards against extreme aspect ratios (a 1 x 5000 strip at shorter side 224 would be 224 x 1e6).
     """
-    from ..models.preprocess import target_size
     h, w = target_size(image_hw, size, cfg)
     ph, pw = cfg.patch_size
     n = (h // ph) * (w // pw)
@@ -164,9 +173,13 @@ def fit_size(image_hw: Tuple[int, int], size, cfg, max_tokens: Optional[int] = N
     return gh * ph, gw * pw
 
 
+#: What decoding one bad file may raise: unreadable / truncated / not an image (OSError, incl. PIL's
+#: UnidentifiedImageError), a malformed header (ValueError, SyntaxError, EOFError), a pixel bomb.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, InputError, Image.DecompressionBombError)
+
+
 def load_rgb(path: str):
     """Open one image file as 8-bit RGB (EXIF applied); OSError naming the file if it cannot be read."""
-    from ..models.preprocess import load_images, to_rgb
     return to_rgb(load_images([path])[0])
 
 
@@ -185,20 +198,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        from ..models.preprocess import preprocess
         item = self.items[i]
         out = {"index": i, "path": item.path, "name": item.name}
         try:
             img = load_rgb(item.path)
-            hw = fit_size((img.height, img.width), self.size, self.cfg, self.max_tokens)
-            out["x"] = preprocess(img, self.cfg, size=hw)[0]
-            out["size"] = (img.height, img.width)
-            out["image"] = np.asarray(img, dtype=np.uint8)
-        except Exception as e:  # noqa: BLE001 - any decode failure (incl. DecompressionBombError) is reported
+        except DECODE_ERRORS as e:
             msg = str(e)
             if item.path not in msg:
                 msg = f"cannot read image {item.path}: {msg}"
             out["error"] = f"{type(e).__name__}: {msg}"
+            return out
+        hw = fit_size((img.height, img.width), self.size, self.cfg, self.max_tokens)
+        out["x"] = preprocess(img, self.cfg, size=hw)[0]
+        out["size"] = (img.height, img.width)
+        out["image"] = np.asarray(img, dtype=np.uint8)
         return out
 
 
@@ -206,11 +219,33 @@ def _identity(x):
     return x
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: have the kernel SIGKILL this worker when its parent dies.
+
+    PyTorch's own watchdog only notices a dead parent between items, and a worker blocked on a full
+    result pipe never gets there: after ``kill -9`` of a run such workers stayed alive, orphaned, for
+    as long as 45 minutes. ``prctl(PR_SET_PDEATHSIG)`` is Linux-only; the pid check covers a parent that
+    died before the call took effect.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def prefetch_loader(dataset: ImageDataset, workers: int = 2, prefetch: int = 2):
-    """A DataLoader yielding single items in order, decoded ``workers`` at a time ahead of use."""
+    """A DataLoader yielding single items in order, decoded ``workers`` at a time ahead of use; its workers
+    end with this process however it ends."""
     kw = dict(batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=_identity)
     if workers > 0:
-        kw.update(prefetch_factor=max(1, prefetch), persistent_workers=False)
+        kw.update(prefetch_factor=max(1, prefetch), persistent_workers=False,
+                  worker_init_fn=functools.partial(die_with_parent, os.getpid()))
     return torch.utils.data.DataLoader(dataset, **kw)
 
 

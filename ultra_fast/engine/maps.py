@@ -1,10 +1,12 @@
-"""From chained rows S̄_i[i, :] to image maps (SPEC §2 steps 5-7)."""
+"""From chained rows S̄_i[i, :] to image maps (docs/method.md §2 steps 5-7)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ConfigError
 
 Size = Union[None, str, Tuple[int, int]]
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -31,9 +33,9 @@ def finalize(rows: torch.Tensor, idx: torch.Tensor, num_prefix: int, grid: Tuple
 
 
 def upsample(maps: torch.Tensor, size: Optional[Tuple[int, int]], interpolation: str = "bilinear") -> torch.Tensor:
-    """(B, T, h, w) -> (B, T, H, W), align_corners=False as in SPEC §2 step 7."""
+    """(B, T, h, w) -> (B, T, H, W), align_corners=False as in docs/method.md §2 step 7."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}")
+        raise ConfigError(f"unknown interpolation {interpolation!r}; expected one of {INTERPOLATIONS}")
     if size is None or tuple(size) == tuple(maps.shape[-2:]):
         return maps
     B, T, h, w = maps.shape
@@ -50,4 +52,4 @@ def resolve_size(size: Size, images: torch.Tensor) -> Optional[Tuple[int, int]]:
         return (size, size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(int(s) > 0 for s in size):
         return (int(size[0]), int(size[1]))
-    raise ValueError(f"size must be None, 'input', an int or (H, W); got {size!r}")
+    raise ConfigError(f"size must be None, 'input', an int or (H, W); got {size!r}")

@@ -31,7 +31,7 @@ def resolve_layer(layer: int, num_blocks: int) -> int:
     l = layer + num_blocks + 1 if layer < 0 else layer
     if not 1 <= l <= num_blocks:
         raise ConfigError(f"layer={layer} is out of range for a model with {num_blocks} blocks "
-                         f"(1..{num_blocks}, or -1..-{num_blocks})")
+                          f"(1..{num_blocks}, or -1..-{num_blocks})")
     return l
 
 

@@ -1,7 +1,8 @@
 """Slow references: the oracles of the tests and the baselines of the benchmarks.
 
-- ``explain_naive`` (on ``naive_rows``, for any adapter): SPEC §2 literally. One forward with every attention map kept in the graph,
-  then one ``autograd.grad`` per (image, target) for all blocks, and dense (N, N) matrices chained.
+- ``explain_naive`` (on ``naive_rows``, for any adapter): docs/method.md §2 literally. One forward with
+  every attention map kept in the graph, then one ``autograd.grad`` per (image, target) for all blocks,
+  and dense (N, N) matrices chained.
 - ``explain_authors``: the authors' notebook algorithm: for every token a fresh forward pass of
   its image and one ``autograd.grad`` call per block.
 Both share the validation and post-processing of the fast engine and nothing of its arithmetic.

@@ -1,4 +1,4 @@
-"""The scalar f whose gradient defines a token's explanation (SPEC §2 step 1).
+"""The scalar f whose gradient defines a token's explanation (docs/method.md §2 step 1).
 
 Every scalar is applied to the whole (B, N, d) token tensor at the explained layer and returns
 (B, N): one value per token, each depending on its own token only. Position-dependent scalars
@@ -11,6 +11,9 @@ from typing import Callable, Union
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError, InputError
+from .w_checkpoint import load_w
 
 ScalarFn = Callable[[torch.Tensor], torch.Tensor]
 SCALARS = ("sum", "energy", "norm", "learned")
@@ -41,7 +44,7 @@ class LearnedScalar(nn.Module):
     def __init__(self, theta: torch.Tensor, num_prefix_tokens: int = 0):
         super().__init__()
         if theta.dim() != 2:
-            raise ValueError(f"learned scalar weights must be (tokens, d); got shape {tuple(theta.shape)}")
+            raise InputError(f"learned scalar weights must be (tokens, d); got shape {tuple(theta.shape)}")
         self.theta = nn.Parameter(theta.detach().clone(), requires_grad=theta.requires_grad)
         self.num_prefix_tokens = num_prefix_tokens
 
@@ -53,7 +56,7 @@ class LearnedScalar(nn.Module):
         N, d = z.shape[-2:]
         w = self.directions.to(device=z.device, dtype=z.dtype)
         if w.shape[-1] != d:
-            raise ValueError(f"learned scalar weights have dimension {w.shape[-1]}, tokens have {d}")
+            raise InputError(f"learned scalar weights have dimension {w.shape[-1]}, tokens have {d}")
         if w.shape[0] == N:
             return (z * w).sum(-1)
         if w.shape[0] == N - self.num_prefix_tokens:
@@ -62,7 +65,7 @@ class LearnedScalar(nn.Module):
             out = torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
             out[..., self.num_prefix_tokens:] = (z[..., self.num_prefix_tokens:, :] * w).sum(-1)
             return out
-        raise ValueError(f"learned scalar weights cover {w.shape[0]} token positions; the model has "
+        raise InputError(f"learned scalar weights cover {w.shape[0]} token positions; the model has "
                          f"{N} tokens ({self.num_prefix_tokens} prefix). Was W trained for another grid?")
 
 
@@ -73,7 +76,6 @@ def load_learned_weights(weights, adapter=None, inputs=None) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
         return weights
     if isinstance(weights, (str, os.PathLike)):
-        from ..training.checkpoint import load_w
         grid = adapter.grid_size(inputs) if adapter is not None and inputs is not None else None
         return load_w(weights, model_name=adapter.name if adapter is not None else None, grid=grid,
                       num_prefix_tokens=adapter.num_prefix_tokens if adapter is not None else None,
@@ -98,9 +100,9 @@ def resolve_scalar(scalar: Union[str, ScalarFn], weights: Union[None, torch.Tens
         return scalar_norm
     if scalar == "learned":
         if weights is None:
-            raise ValueError('scalar="learned" needs weights= (a (tokens, d) tensor or a W checkpoint path)')
+            raise ConfigError('scalar="learned" needs weights= (a (tokens, d) tensor or a W checkpoint path)')
         return LearnedScalar(load_learned_weights(weights, adapter, inputs), num_prefix_tokens)
-    raise ValueError(f"unknown scalar {scalar!r}; expected one of {SCALARS} or a callable")
+    raise ConfigError(f"unknown scalar {scalar!r}; expected one of {SCALARS} or a callable")
 
 
 def token_cotangents(fn: ScalarFn, z: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ def token_cotangents(fn: ScalarFn, z: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         F = fn(z)
         if F.shape != z.shape[:-1]:
-            raise ValueError(f"the scalar function must map (..., d) tokens to (...) values; "
-                             f"got {tuple(F.shape)} from {tuple(z.shape)}")
+            raise ConfigError(f"the scalar function must map (..., d) tokens to (...) values; "
+                              f"got {tuple(F.shape)} from {tuple(z.shape)}")
         (grad,) = torch.autograd.grad(F.sum(), z, allow_unused=True)
     return torch.zeros_like(z) if grad is None else grad

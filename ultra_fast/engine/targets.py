@@ -1,12 +1,25 @@
 """Which tokens to explain: names or indices -> a (B, T) index tensor into the N tokens."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 
+from ..errors import ConfigError, InputError
+
 Targets = Union[str, Sequence[int], torch.Tensor]
 TARGET_NAMES = ("patches", "all", "prefix")
+
+
+def stride_targets(grid: Tuple[int, int], num_prefix: int, stride: int) -> List[int]:
+    """Token indices of every ``stride``-th patch along rows and columns of the (h, w) patch grid.
+
+    Tokens are ordered prefix first, then patches row-major, so patch (r, c) is token P + r·w + c.
+    """
+    if not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"stride must be a positive int; got {stride!r}")
+    h, w = grid
+    return [num_prefix + r * w + c for r in range(0, h, stride) for c in range(0, w, stride)]
 
 
 def resolve_targets(targets: Targets, batch: int, num_tokens: int, num_prefix: int,
@@ -23,10 +36,10 @@ def resolve_targets(targets: Targets, batch: int, num_tokens: int, num_prefix: i
             idx = torch.arange(num_tokens)
         elif targets == "prefix":
             if num_prefix == 0:
-                raise ValueError('targets="prefix" but the model has no prefix tokens')
+                raise ConfigError('targets="prefix" but the model has no prefix tokens')
             idx = torch.arange(num_prefix)
         else:
-            raise ValueError(f"unknown targets {targets!r}; expected one of {TARGET_NAMES} or token indices")
+            raise ConfigError(f"unknown targets {targets!r}; expected one of {TARGET_NAMES} or token indices")
         idx = idx.expand(batch, -1)
     else:
         idx = torch.as_tensor(targets)
@@ -35,9 +48,9 @@ def resolve_targets(targets: Targets, batch: int, num_tokens: int, num_prefix: i
         if idx.dim() == 1:
             idx = idx.expand(batch, -1)
         elif idx.dim() != 2 or idx.shape[0] != batch:
-            raise ValueError(f"target indices must be (T,) or (B={batch}, T); got shape {tuple(idx.shape)}")
+            raise InputError(f"target indices must be (T,) or (B={batch}, T); got shape {tuple(idx.shape)}")
     if idx.numel() == 0:
-        raise ValueError("no targets to explain")
+        raise ConfigError("no targets to explain")
     if int(idx.min()) < 0 or int(idx.max()) >= num_tokens:
         raise IndexError(f"target indices must lie in [0, {num_tokens}) (N = {num_prefix} prefix + "
                          f"{num_tokens - num_prefix} patch tokens); got [{int(idx.min())}, {int(idx.max())}]")

@@ -157,7 +157,7 @@ class EvalConfig:
                                                                          for v in self.size))
         if not size_ok:
             raise ConfigError(f"size must be a positive int (the shorter image side) or (H, W) input pixels; got "
-                             f"{self.size!r}")
+                              f"{self.size!r}")
         for name, values, allowed in (("scalars", self.scalars, SCALARS), ("assigns", self.assigns, ASSIGN_RULES),
                                       ("protocols", self.protocols, PROTOCOLS)):
             if not values:
@@ -180,7 +180,7 @@ class EvalConfig:
             raise ConfigError(f"thresholds must be cosine-distance cuts in (0, 2]; got {list(self.thresholds)}")
         if len(set(self.thresholds)) != len(self.thresholds):
             raise ConfigError(f"thresholds repeat: {list(self.thresholds)}")
-        if not self.taus or any(not 0.0 <= float(t) <= 1.0 for t in self.taus):
+        if any(not 0.0 <= float(t) <= 1.0 for t in self.taus):  # none: no ITIoU (a segmentation-only sweep)
             raise ConfigError(f"taus must be ITIoU thresholds in [0, 1]; got {list(self.taus)}")
         if len(set(self.taus)) != len(self.taus):
             raise ConfigError(f"taus repeat: {list(self.taus)}")
@@ -193,7 +193,7 @@ class EvalConfig:
         if not self.aggregations or self.aggregations[0] != "paper" or len(set(self.aggregations)) != len(
                 self.aggregations) or any(a not in AGGREGATIONS for a in self.aggregations):
             raise ConfigError(f"aggregations must start with 'paper' (the others are cut to its segment counts) "
-                             f"and name each of {list(AGGREGATIONS)} at most once; got {list(self.aggregations)}")
+                              f"and name each of {list(AGGREGATIONS)} at most once; got {list(self.aggregations)}")
         parse_compute_dtype(self.compute_dtype)
 
     @property
@@ -344,7 +344,7 @@ def prepare_out(out: PathLike, plan: RunPlan, names: Sequence[str], overwrite: b
         if old.get("key") != key and not overwrite:
             diffs = _diff(old.get("key", {}), key)
             raise ConfigError(f"{out} holds an evaluation with other settings ({'; '.join(diffs)}); use another "
-                             f"--out, or --overwrite to discard its cache")
+                              f"--out, or --overwrite to discard its cache")
         if overwrite:
             for f in (out / "cache").glob("*.pt"):
                 f.unlink()
@@ -489,7 +489,7 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
             maps = explain_cached(adapter, plan, sample.name, x, scalar, layer, maps_cache, **fast)
             clock.lap("explain")
             every = nearest_filled(maps, positions)
-            values = itiou_image(every, label, tau=c.taus, ignore_index=ignore)
+            values = itiou_image(every, label, tau=c.taus, ignore_index=ignore) if c.taus else {}
             itiou[maps_key(scalar, layer)] = [float(values[float(t)]) for t in c.taus]
             clock.lap("itiou")
             partition = token_partition(maps, token_positions=positions)  # one linkage for every cut
@@ -565,10 +565,10 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
     layers = tuple(dict.fromkeys(resolve_layer(int(l), adapter.num_blocks) for l in config.layers))
     if len(layers) != len(config.layers):
         raise ConfigError(f"layers {list(config.layers)} name the same block twice (resolved: "
-                         f"{[resolve_layer(int(l), adapter.num_blocks) for l in config.layers]})")
+                          f"{[resolve_layer(int(l), adapter.num_blocks) for l in config.layers]})")
     if config.start_block > min(layers):
         raise ConfigError(f"start_block {config.start_block} lies after layer {min(layers)}: every explained layer "
-                         f"needs start_block <= layer")
+                          f"needs start_block <= layer")
     info = {"name": dataset.name, "root": str(Path(dataset.root).resolve()), "split": dataset.split,
             "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
             "ignore_index": int(dataset.ignore_index)}
@@ -771,7 +771,7 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
                    "stage_seconds_per_image": {k: float(np.mean(v)) for k, v in seconds.items() if k != "total"},
                    "total_seconds": float(np.sum(seconds["total"])), "devices": sorted(devices)},
         "segmentation": tables,
-        "itiou": [{"scalar": s, "layer": l, "images": acc.counts.get(taus[0], 0),
+        "itiou": [] if not taus else [{"scalar": s, "layer": l, "images": acc.counts.get(taus[0], 0),
                    "values": {repr(t): v for t, v in acc.summary().items()}} for (s, l), acc in itiou.items()],
         "perturbation": ({"scalar": p_scalar, "layer": p_layer, "k": key["perturb_k"],
                           "fraction": PERTURB_FRACTION, "noise_std": PERTURB_NOISE_STD,

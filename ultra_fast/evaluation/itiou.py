@@ -1,4 +1,4 @@
-"""Object selection score ITIoU (SPEC §6): how well each token's thresholded map covers its own object.
+"""Object selection score ITIoU (docs/method.md §6): how well each token's thresholded map covers its own object.
 
 For each image: upsample every patch token's map to the label size (bilinear, align_corners=False),
 min-max scale it, threshold at τ into a mask; for each ground-truth class c with at least one token
@@ -14,6 +14,8 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import ConfigError, InputError
 
 Taus = Union[float, Sequence[float]]
 
@@ -36,7 +38,7 @@ def token_classes(label: np.ndarray, grid: Tuple[int, int], ignore_index: int = 
     label = _check_label(label)
     h, w = (int(g) for g in grid)
     if h < 1 or w < 1:
-        raise ValueError(f"grid must be (h, w) with positive sides; got {grid}")
+        raise ConfigError(f"grid must be (h, w) with positive sides; got {grid}")
     rows, cols = _centre_index(h, label.shape[0]), _centre_index(w, label.shape[1])
     return label[np.ix_(rows, cols)].reshape(-1).astype(np.int64)
 
@@ -44,7 +46,7 @@ def token_classes(label: np.ndarray, grid: Tuple[int, int], ignore_index: int = 
 def _check_label(label: np.ndarray) -> np.ndarray:
     label = np.asarray(label)
     if label.ndim != 2:
-        raise ValueError(f"label must be an (H, W) array of class ids; got shape {label.shape}")
+        raise InputError(f"label must be an (H, W) array of class ids; got shape {label.shape}")
     if not np.issubdtype(label.dtype, np.integer):
         raise TypeError(f"label must hold integer class ids; got dtype {label.dtype}")
     return label
@@ -53,14 +55,14 @@ def _check_label(label: np.ndarray) -> np.ndarray:
 def _taus(tau: Taus) -> Tuple[float, ...]:
     taus = (float(tau),) if isinstance(tau, numbers.Real) else tuple(float(t) for t in tau)
     if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
-        raise ValueError(f"tau must be a threshold in [0, 1] or a non-empty sequence of them; got {tau!r}")
+        raise ConfigError(f"tau must be a threshold in [0, 1] or a non-empty sequence of them; got {tau!r}")
     return taus
 
 
 def scaled_upsampled(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """(T, h, w) -> (T, H, W): bilinear upsampling (align_corners=False), then min-max per map.
 
-    Scaled after upsampling, as SPEC §6 says. A constant map scales to all zeros: it selects nothing.
+    Scaled after upsampling, as docs/method.md §6 says. A constant map scales to all zeros: it selects nothing.
     """
     up = F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
     lo = up.amin((1, 2), keepdim=True)
@@ -85,7 +87,7 @@ def itiou_image(maps: Union[torch.Tensor, np.ndarray], label: np.ndarray, tau: T
     if maps.dim() == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.dim() != 3 or maps.shape[0] != maps.shape[1] * maps.shape[2]:
-        raise ValueError(f"maps must be (n, h, w) with one map per patch token (n = h*w); got "
+        raise InputError(f"maps must be (n, h, w) with one map per patch token (n = h*w); got "
                          f"{tuple(maps.shape)}")
     if not maps.is_floating_point():
         raise TypeError(f"maps must be floating point; got dtype {maps.dtype}")

@@ -1,4 +1,4 @@
-"""Unsupervised segmentation metrics (SPEC §6): per-image and dataset-wide Hungarian matching.
+"""Unsupervised segmentation metrics (docs/method.md §6): per-image and dataset-wide Hungarian matching.
 
 Both protocols accumulate small per-image summaries (never pixel arrays), so a harness can cache each
 image's contribution and resume: ``PerImageMatching.update_confusion`` takes a per-image confusion
@@ -12,11 +12,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..errors import ConfigError, InputError
+
 
 def confusion(pred: np.ndarray, label: np.ndarray, ignore_index: int = 255):
     """(segments x classes) pixel counts over valid pixels, with the segment and class ids they index."""
     if pred.shape != label.shape:
-        raise ValueError(f"prediction {pred.shape} and labels {label.shape} differ in size; "
+        raise InputError(f"prediction {pred.shape} and labels {label.shape} differ in size; "
                          f"predictions are compared at label resolution")
     valid = label != ignore_index
     p, l = pred[valid].astype(np.int64), label[valid].astype(np.int64)
@@ -63,12 +65,12 @@ class PerImageMatching:
         M = np.asarray(M)
         classes = np.asarray(classes).reshape(-1)
         if M.ndim != 2 or M.shape[1] != len(classes):
-            raise ValueError(f"confusion matrix must be (segments, classes) with one column per class id; got "
+            raise InputError(f"confusion matrix must be (segments, classes) with one column per class id; got "
                              f"shape {M.shape} for {len(classes)} class ids")
         if M.size and (not np.issubdtype(M.dtype, np.integer) or M.min() < 0):
-            raise ValueError(f"confusion matrix must hold non-negative integer pixel counts; got dtype {M.dtype}")
+            raise InputError(f"confusion matrix must hold non-negative integer pixel counts; got dtype {M.dtype}")
         if len(np.unique(classes)) != len(classes):
-            raise ValueError(f"class ids of the confusion matrix columns repeat: {classes.tolist()}")
+            raise InputError(f"class ids of the confusion matrix columns repeat: {classes.tolist()}")
         if M.size == 0:
             return
         M = M.astype(np.int64)
@@ -101,18 +103,18 @@ def segment_histograms(pred: np.ndarray, label: np.ndarray, num_segments: int, n
     """(num_segments, num_classes) valid-pixel counts: row s = class histogram of the pixels of segment s."""
     pred, label = np.asarray(pred), np.asarray(label)
     if pred.shape != label.shape or pred.ndim != 2:
-        raise ValueError(f"prediction {pred.shape} and labels {label.shape} must be the same (H, W); "
+        raise InputError(f"prediction {pred.shape} and labels {label.shape} must be the same (H, W); "
                          f"predictions are compared at label resolution")
     if not np.issubdtype(pred.dtype, np.integer) or not np.issubdtype(label.dtype, np.integer):
         raise TypeError(f"prediction and labels must be integer arrays; got {pred.dtype} and {label.dtype}")
     valid = label != ignore_index
     p, l = pred[valid].astype(np.int64), label[valid].astype(np.int64)
     if p.size and (p.min() < 0 or p.max() >= num_segments):
-        raise ValueError(f"prediction ids must be in 0..{num_segments - 1} (one feature row each); "
+        raise InputError(f"prediction ids must be in 0..{num_segments - 1} (one feature row each); "
                          f"got ids {p.min()}..{p.max()}")
     if l.size and (l.min() < 0 or l.max() >= num_classes):
         bad = np.unique(l[(l < 0) | (l >= num_classes)])[:10].tolist()
-        raise ValueError(f"label values {bad} are neither classes 0..{num_classes - 1} nor the ignore index "
+        raise InputError(f"label values {bad} are neither classes 0..{num_classes - 1} nor the ignore index "
                          f"{ignore_index}")
     H = np.bincount(p * num_classes + l, minlength=num_segments * num_classes)
     return H.reshape(num_segments, num_classes).astype(np.int64)
@@ -127,13 +129,13 @@ def segment_mean_features(features: np.ndarray, token_clusters: np.ndarray, K: i
     features = np.asarray(features, dtype=np.float64)
     ids = np.asarray(token_clusters).reshape(-1)
     if features.ndim != 2:
-        raise ValueError(f"features must be (n tokens, D); got shape {features.shape}")
+        raise InputError(f"features must be (n tokens, D); got shape {features.shape}")
     if ids.shape[0] != features.shape[0]:
-        raise ValueError(f"{ids.shape[0]} token cluster ids for {features.shape[0]} token features")
+        raise InputError(f"{ids.shape[0]} token cluster ids for {features.shape[0]} token features")
     if not np.issubdtype(ids.dtype, np.integer):
         raise TypeError(f"token_clusters must be integer ids; got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= K):
-        raise ValueError(f"token cluster ids must be in 0..{K - 1}; got {ids.min()}..{ids.max()}")
+        raise InputError(f"token cluster ids must be in 0..{K - 1}; got {ids.min()}..{ids.max()}")
     sums = np.zeros((K, features.shape[1]))
     np.add.at(sums, ids, features)
     counts = np.bincount(ids, minlength=K).astype(np.float64)[:, None]
@@ -152,7 +154,7 @@ class DatasetWideResult:
 
 
 class DatasetWideMatching:
-    """STEGO-family protocol (SPEC §6): every image's segments get shared ids by k-means (k = num_classes)
+    """STEGO-family protocol (docs/method.md §6): every image's segments get shared ids by k-means (k = num_classes)
     on each segment's mean feature over the whole split, then ONE Hungarian match on the dataset
     confusion matrix (shared ids x classes).
 
@@ -175,7 +177,7 @@ class DatasetWideMatching:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, seed: int = 0):
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+            raise ConfigError(f"num_classes must be a positive int; got {num_classes!r}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.seed = int(seed)
@@ -190,7 +192,7 @@ class DatasetWideMatching:
         feature of each segment id (rows of ids absent from ``pred`` are allowed, and ignored)."""
         features = np.asarray(features)
         if features.ndim != 2:
-            raise ValueError(f"features must be (K segments, D); got shape {features.shape}")
+            raise InputError(f"features must be (K segments, D); got shape {features.shape}")
         hist = segment_histograms(pred, label, features.shape[0], self.num_classes, self.ignore_index)
         self.update_segments(hist, features)
 
@@ -199,17 +201,17 @@ class DatasetWideMatching:
         hist = np.asarray(histograms)
         features = np.asarray(features, dtype=np.float64)
         if hist.ndim != 2 or hist.shape[1] != self.num_classes:
-            raise ValueError(f"histograms must be (K, num_classes={self.num_classes}); got shape {hist.shape}")
+            raise InputError(f"histograms must be (K, num_classes={self.num_classes}); got shape {hist.shape}")
         if features.ndim != 2 or features.shape[0] != hist.shape[0]:
-            raise ValueError(f"features must be (K={hist.shape[0]}, D); got shape {features.shape}")
+            raise InputError(f"features must be (K={hist.shape[0]}, D); got shape {features.shape}")
         if len(features) and self._dim is not None and features.shape[1] != self._dim:
-            raise ValueError(f"feature dimension {features.shape[1]} differs from the earlier images' {self._dim}")
+            raise InputError(f"feature dimension {features.shape[1]} differs from the earlier images' {self._dim}")
         if hist.size and (not np.issubdtype(hist.dtype, np.integer) or hist.min() < 0):
-            raise ValueError(f"histograms must hold non-negative integer pixel counts; got dtype {hist.dtype}")
+            raise InputError(f"histograms must hold non-negative integer pixel counts; got dtype {hist.dtype}")
         keep = hist.sum(1) > 0
         bad = keep & ~np.isfinite(features).all(1)
         if bad.any():
-            raise ValueError(f"segments {np.flatnonzero(bad).tolist()} have valid pixels but non-finite features")
+            raise InputError(f"segments {np.flatnonzero(bad).tolist()} have valid pixels but non-finite features")
         self._hists.append(hist[keep].astype(np.int64))
         self._feats.append(features[keep])
         self._image.append(np.full(int(keep.sum()), self.images, dtype=np.int64))

@@ -1,4 +1,4 @@
-"""Perturbation test (SPEC §6): does a token's map point at the patches the token actually depends on?
+"""Perturbation test (docs/method.md §6): does a token's map point at the patches the token actually depends on?
 
 For k random patch tokens i of an image: rank the other patches by i's map; perturb the top ``fraction``
 of them (positive) or the bottom ``fraction`` (negative) — the same number, never i's own patch — in the
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.options import eval_mode, resolve_layer
+from ..errors import ConfigError, InputError
 from ..models import Adapter, wrap
 
 MODES = ("mask", "noise")
@@ -43,12 +44,12 @@ def plan_perturbation(maps: Union[torch.Tensor, np.ndarray], k: int = 10, fracti
     maps = _check_maps(maps)
     n = maps.shape[0]
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k={k!r} must be an int in 1..{n} (the number of patch tokens)")
+        raise ConfigError(f"k={k!r} must be an int in 1..{n} (the number of patch tokens)")
     if not 0.0 < float(fraction) <= 0.5:
         # above one half the positive and negative sets would share patches
-        raise ValueError(f"fraction={fraction!r} must be in (0, 0.5]")
+        raise ConfigError(f"fraction={fraction!r} must be in (0, 0.5]")
     if n < 3:
-        raise ValueError(f"the perturbation test needs at least 3 patch tokens; the maps have {n}")
+        raise ConfigError(f"the perturbation test needs at least 3 patch tokens; the maps have {n}")
     m = max(1, int(round(float(fraction) * (n - 1))))
     tokens = np.sort(np.random.default_rng(seed).choice(n, size=int(k), replace=False))
     flat = maps.reshape(n, n)
@@ -66,10 +67,10 @@ def _check_maps(maps) -> np.ndarray:
     if maps.ndim == 4 and maps.shape[0] == 1:
         maps = maps[0]
     if maps.ndim != 3 or maps.shape[0] != maps.shape[1] * maps.shape[2]:
-        raise ValueError(f"maps must be (n, h, w), one grid-resolution map per patch token (n = h*w); got "
+        raise InputError(f"maps must be (n, h, w), one grid-resolution map per patch token (n = h*w); got "
                          f"shape {maps.shape}")
     if not np.isfinite(maps).all():
-        raise ValueError("maps contain non-finite values")
+        raise InputError("maps contain non-finite values")
     return maps
 
 
@@ -92,12 +93,12 @@ def perturbed_inputs(image: torch.Tensor, plan: PerturbationPlan, grid: Tuple[in
     token's variants, so positive and negative differ only in where the noise lands.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown perturbation mode {mode!r}; expected one of {MODES}")
+        raise ConfigError(f"unknown perturbation mode {mode!r}; expected one of {MODES}")
     k = len(plan.tokens)
     masks = torch.stack([patch_mask(p, grid, patch_size, image.device)
                          for p in list(plan.positive) + list(plan.negative)])  # (2k, H, W)
     if tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
-        raise ValueError(f"patch grid {grid} x patch {patch_size} does not tile the image "
+        raise InputError(f"patch grid {grid} x patch {patch_size} does not tile the image "
                          f"{tuple(image.shape[-2:])}")
     masks = masks.unsqueeze(1).to(image.dtype)
     x = image.expand(2 * k, -1, -1, -1)
@@ -140,16 +141,16 @@ def perturbation_test(model: Union[nn.Module, Adapter], image: torch.Tensor, map
     adapter = wrap(model)
     adapter.check_images(image)
     if image.shape[0] != 1:
-        raise ValueError(f"perturbation_test takes one image (1, 3, H, W); got {tuple(image.shape)}")
+        raise InputError(f"perturbation_test takes one image (1, 3, H, W); got {tuple(image.shape)}")
     for mode in modes:
         if mode not in MODES:
-            raise ValueError(f"unknown perturbation mode {mode!r}; expected one of {MODES}")
+            raise ConfigError(f"unknown perturbation mode {mode!r}; expected one of {MODES}")
     image = image.to(device=adapter.device, dtype=adapter.dtype)
     l = resolve_layer(layer, adapter.num_blocks)
     grid = adapter.grid_size(image)
     np_maps = _check_maps(maps)
     if tuple(np_maps.shape[1:]) != tuple(grid):
-        raise ValueError(f"maps are on a {tuple(np_maps.shape[1:])} grid but the image gives a {tuple(grid)} grid")
+        raise InputError(f"maps are on a {tuple(np_maps.shape[1:])} grid but the image gives a {tuple(grid)} grid")
     plan = plan_perturbation(np_maps, k, fraction, seed)
     patch = tuple(adapter.preprocessing.patch_size)
     rows = torch.as_tensor(np.concatenate([plan.tokens, plan.tokens]) + adapter.num_prefix_tokens,

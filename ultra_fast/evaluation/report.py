@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..io import atomic_write
 
@@ -23,10 +23,21 @@ def _fmt(v: Optional[float], digits: int = 1) -> str:
 def method_label(row: Dict[str, Any]) -> str:
     """Human name of a table row: 'ULTra_S', 'k-means (k = classes)', 'CLS rollout'."""
     if row["method"] == "ULTra":
-        return SCALAR_NAMES.get(row["scalar"], row["scalar"])
-    if row["method"] == "k-means":
-        return "k-means (k = classes)" if row["k"] == "classes" else "k-means (k = ULTra segments)"
+        name = SCALAR_NAMES.get(row["scalar"], row["scalar"])
+        agg = row.get("aggregation") or "paper"
+        return name if agg == "paper" else f"{name}, {agg}"
+    if row["method"] in ("k-means", "feature spectral"):
+        return f"{row['method']} (k = classes)" if row["k"] == "classes" else f"{row['method']} (k = ULTra segments)"
     return row["method"]
+
+
+def _zeta(v) -> str:
+    return "–" if v is None else (v if isinstance(v, str) else f"{v:g}")
+
+
+def _matched(row: Dict[str, Any]) -> bool:
+    """A feature baseline cut to one ULTra setting's segment counts (it names that setting)."""
+    return row["method"] != "ULTra" and "|" in str(row.get("baseline") or "")
 
 
 def context(results: Dict[str, Any]) -> str:
@@ -65,10 +76,11 @@ def to_markdown(results: Dict[str, Any]) -> str:
         rows = []
         for r in results["segmentation"][protocol]:
             ultra = r["method"] == "ULTra"
-            rows.append([method_label(r), str(r["layer"]) if ultra else "–", r["assign"] if ultra else "–",
-                         f"{r['threshold']:g}" if ultra else "–", _fmt(r["mIoU"]), _fmt(r["accuracy"]),
-                         _fmt(r["mean_segments"])])
+            rows.append([method_label(r), str(r["layer"]) if ultra or _matched(r) else "–",
+                         r["assign"] if ultra else "–", _zeta(r["threshold"]) if ultra or _matched(r) else "–",
+                         _fmt(r["mIoU"]), _fmt(r["accuracy"]), _fmt(r["mean_segments"])])
         lines += _table(["method", "layer", "assign", "ζ", "mIoU", "accuracy", "segments/img"], rows) + [""]
+    lines += aggregation_tables(results)
     if results["itiou"]:
         taus = list(results["itiou"][0]["values"])
         lines += ["## ITIoU (×100; token masks = min-max scaled map ≥ τ)", ""]
@@ -104,13 +116,15 @@ def _figure(rows: int, cols: int):
 
 
 def _ultra(rows: List[Dict[str, Any]], **match) -> List[Dict[str, Any]]:
-    return [r for r in rows if r["method"] == "ULTra" and all(r[k] == v for k, v in match.items())]
+    """The paper-aggregation ULTra rows matching ``match`` (other aggregations: ``plot_aggregations``)."""
+    return [r for r in rows if r["method"] == "ULTra" and (r.get("aggregation") or "paper") == "paper"
+            and all(r[k] == v for k, v in match.items())]
 
 
 def _baselines(ax, rows: List[Dict[str, Any]], metric: str) -> None:
     styles = iter([":", "-.", (0, (5, 2))])
     for r in rows:
-        if r["method"] != "ULTra" and r[metric] is not None:
+        if r["method"] != "ULTra" and not _matched(r) and r[metric] is not None:
             ax.axhline(r[metric], color="gray", linestyle=next(styles, "--"), linewidth=1.2, label=method_label(r))
 
 
@@ -199,8 +213,75 @@ def plot_itiou(results: Dict[str, Any], path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
+def _strategies(results: Dict[str, Any]) -> List[str]:
+    return list(results["settings"].get("aggregations", ["paper"]))
+
+
+def _equal_count_rows(table: List[Dict[str, Any]], scalar: str, layer: int, assign: str,
+                      zetas: Sequence[float]) -> List[Tuple[str, List[Optional[Dict[str, Any]]]]]:
+    """(label, row per ζ) for every strategy and matched feature baseline of one (scalar, layer, assign)."""
+    out: Dict[str, List[Optional[Dict[str, Any]]]] = {}
+    for r in table:
+        if r["scalar"] != scalar or r["layer"] != layer or r["threshold"] not in zetas:
+            continue
+        if r["method"] == "ULTra" and r["assign"] == assign:
+            label = r.get("aggregation") or "paper"
+        elif _matched(r):
+            label = f"{r['method']} (features)"
+        else:
+            continue
+        out.setdefault(label, [None] * len(zetas))[list(zetas).index(r["threshold"])] = r
+    return list(out.items())
+
+
+def aggregation_tables(results: Dict[str, Any]) -> List[str]:
+    """Markdown: every aggregation strategy and the feature baselines at the paper's segment counts, one
+    table per protocol and pixel rule (primary scalar and layer); empty with the paper's aggregation only."""
+    if len(_strategies(results)) < 2:
+        return []
+    s, primary = results["settings"], results["primary"]
+    zetas = [float(z) for z in s["thresholds"]]
+    scalar, layer = primary["scalar"], primary["layer"]
+    lines = [f"## Aggregations at equal segment counts ({SCALAR_NAMES.get(scalar, scalar)}, layer {layer})", "",
+             "Each column: every method cut, image by image, to the paper's cluster count at that ζ; 'auto': the "
+             "strategy's own count (eigengap). mIoU (segments/img).", ""]
+    for protocol in results["protocols"]:
+        for assign in s["assigns"]:
+            rows = []
+            for label, cells in _equal_count_rows(results["segmentation"][protocol], scalar, layer, assign, zetas):
+                auto = [r for r in results["segmentation"][protocol] if r["method"] == "ULTra" and
+                        r["scalar"] == scalar and r["layer"] == layer and r["assign"] == assign and
+                        r["threshold"] == "auto" and (r.get("aggregation") or "paper") == label]
+                rows.append([label] + [f"{_fmt(c['mIoU'])} ({_fmt(c['mean_segments'])})" if c else "–"
+                                       for c in cells]
+                            + [f"{_fmt(auto[0]['mIoU'])} ({_fmt(auto[0]['mean_segments'])})" if auto else "–"])
+            lines += [f"### {protocol} protocol, assign = {assign}", ""]
+            lines += _table(["aggregation"] + [f"ζ = {z:g}" for z in zetas] + ["auto"], rows) + [""]
+    return lines
+
+
+def plot_aggregations(results: Dict[str, Any], path: Path) -> Optional[Path]:
+    """mIoU and accuracy vs ζ (the paper's segment count), one line per strategy and matched feature
+    baseline, one row per protocol (primary scalar and layer, first pixel rule)."""
+    s = results["settings"]
+    if len(_strategies(results)) < 2 or len(s["thresholds"]) < 2:
+        return None
+    scalar, layer, assign = results["primary"]["scalar"], results["primary"]["layer"], s["assigns"][0]
+    zetas = [float(z) for z in s["thresholds"]]
+
+    def draw(ax, table, metric):
+        for label, cells in _equal_count_rows(table, scalar, layer, assign, zetas):
+            pts = [(z, c[metric]) for z, c in zip(zetas, cells) if c and c[metric] is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="--" if "features" in label else "-", label=label)
+
+    return _per_protocol_figure(results, path, draw, "ζ (all methods at the paper's segment count there)",
+                                f"aggregations, {SCALAR_NAMES.get(scalar, scalar)}, layer {layer}, assign = {assign}")
+
+
 PLOTS: Dict[str, Callable[[Dict[str, Any], Path], Optional[Path]]] = {
-    "layers.png": plot_layers, "thresholds.png": plot_thresholds, "itiou.png": plot_itiou}
+    "layers.png": plot_layers, "thresholds.png": plot_thresholds, "itiou.png": plot_itiou,
+    "aggregations.png": plot_aggregations}
 
 
 def write_report(results: Dict[str, Any], out) -> List[Path]:

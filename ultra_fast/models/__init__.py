@@ -1,7 +1,8 @@
 """Model adapters: the one protocol the engine talks to, and how models are created and wrapped."""
 from .base import Adapter, Preprocessing, UnsupportedModelError
-from .factory import OFFLINE_MODELS, create_model, wrap
+from .factory import OFFLINE_MODELS, create_model
 from .preprocess import load_images, preprocess
+from .registry import REGISTRY, AdapterEntry, register, wrap
 
 __all__ = ["Adapter", "Preprocessing", "UnsupportedModelError", "OFFLINE_MODELS", "create_model", "wrap",
-           "load_images", "preprocess"]
+           "register", "REGISTRY", "AdapterEntry", "load_images", "preprocess"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from timm.layers import resample_abs_pos_embed
+
+from ..errors import InputError
 
 
 def patch_grid(images: torch.Tensor, patch_size: Tuple[int, int], name: str) -> Tuple[int, int]:
@@ -12,7 +13,7 @@ def patch_grid(images: torch.Tensor, patch_size: Tuple[int, int], name: str) -> 
     H, W = images.shape[-2:]
     ph, pw = patch_size
     if H % ph or W % pw:
-        raise ValueError(
+        raise InputError(
             f"{name}: image size {H}x{W} is not a multiple of the patch size {ph}x{pw}; "
             f"resize or crop to a multiple (ultra_fast.preprocess does)")
     return H // ph, W // pw
@@ -23,5 +24,8 @@ def resample_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], native: Tuple[i
     """Position embedding for another grid; timm's own bicubic resampling (what dynamic_img_size does)."""
     if tuple(grid) == tuple(native):
         return pos
+    # Imported here, not at the top: timm pulls in torchvision and torch._dynamo (seconds), and
+    # `import ultra_fast` must stay cheap; timm is loaded anyway by the time a timm model is wrapped.
+    from timm.layers import resample_abs_pos_embed
     return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(native),
                                   num_prefix_tokens=num_prefix_tokens)

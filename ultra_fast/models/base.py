@@ -8,24 +8,13 @@ model is therefore never modified; adapters are verified against the unmodified 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the model wants its pixels: resize policy, normalisation and patch size."""
-
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-    input_size: Tuple[int, int]
-    patch_size: Tuple[int, int]
-    interpolation: str = "bicubic"
+from ..errors import InputError, UnsupportedModelError  # noqa: F401 - the adapters import it from here
+from .preprocess import Preprocessing, preprocess
 
 
 class Adapter(nn.Module, abc.ABC):
@@ -67,7 +56,6 @@ class Adapter(nn.Module, abc.ABC):
 
     def preprocess(self, images, size=None) -> torch.Tensor:
         """PIL image(s) -> the normalised (B, 3, h, w) tensor this model expects (see ``models.preprocess``)."""
-        from .preprocess import preprocess
         return preprocess(images, self.preprocessing, size=size).to(device=self.device, dtype=self.dtype)
 
     @property
@@ -89,12 +77,12 @@ class Adapter(nn.Module, abc.ABC):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W); got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}")
+            raise InputError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating tensor (preprocessed); got dtype {images.dtype}")
         ph, pw = self.preprocessing.patch_size
         if images.shape[-2] < ph or images.shape[-1] < pw:
-            raise ValueError(
+            raise InputError(
                 f"images of size {tuple(images.shape[-2:])} are smaller than one {ph}x{pw} patch of {self.name}")
 
 

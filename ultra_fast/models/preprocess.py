@@ -7,15 +7,28 @@ Policy (documented in README): EXIF orientation is applied; grayscale, palette, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .base import Preprocessing
+from ..errors import InputError
 
 Size = Union[None, int, Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the model wants its pixels: resize policy, normalisation and patch size."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    input_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    interpolation: str = "bicubic"
+
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -63,7 +76,7 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], cfg: Preproces
         tensors.append(arr)
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
-        raise ValueError(f"images map to different sizes {sorted(shapes)}; pass size=(h, w) to batch them")
+        raise InputError(f"images map to different sizes {sorted(shapes)}; pass size=(h, w) to batch them")
     x = torch.stack(tensors)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ._common import patch_grid, resample_pos_embed
-from .block_spec import PreNormBlock
 from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
+from .block_spec import PreNormBlock
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
 _ATTN_PARTS = ("qkv", "num_heads", "scale", "q_norm", "k_norm", "proj")

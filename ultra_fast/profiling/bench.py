@@ -33,7 +33,7 @@ def parse_targets(spec: str, grid: Tuple[int, int], num_prefix: int) -> TargetAr
         count = int(spec)
         if not 1 <= count <= n:
             raise ConfigError(f"targets {spec!r}: the count must lie in 1..{n} (patch tokens of the {grid[0]}x"
-                             f"{grid[1]} grid)")
+                              f"{grid[1]} grid)")
         return list(range(num_prefix, num_prefix + count))
     raise ConfigError(f"targets {spec!r}: expected patches, all, a count N or stride:K")
 

@@ -1,6 +1,6 @@
 """Floating-point operation counts of the fast engine, and this machine's matrix-multiply rate.
 
-The count follows what ``ultra_fast.engine.explain`` does (SPEC §3), step by step, so that the
+The count follows what ``ultra_fast.engine.explain`` does (docs/method.md §3), step by step, so that the
 achieved rate of a timed run (FLOPs / seconds) can be compared with the rate of one large matrix
 product on the same device and dtype (``matmul_rate``): their ratio is the utilisation.
 """
@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..engine.options import bytes_per_target, check_order, chunk_size, resolve_layer, resolve_start
 from ..engine.block_backward import low_rank_pays
 from ..models import Adapter, wrap
@@ -96,7 +97,7 @@ def _num_targets(targets: TargetSpec, n: int, P: int) -> int:
     if isinstance(targets, str):
         counts = {"patches": n, "all": n + P, "prefix": P}
         if targets not in counts:
-            raise ValueError(f"unknown targets {targets!r}; expected 'patches', 'all', 'prefix', a count or indices")
+            raise ConfigError(f"unknown targets {targets!r}; expected 'patches', 'all', 'prefix', a count or indices")
         T = counts[targets]
     elif isinstance(targets, bool):
         raise TypeError("targets must be a name, a count or token indices; got a bool")
@@ -107,7 +108,7 @@ def _num_targets(targets: TargetSpec, n: int, P: int) -> int:
     else:
         T = len(targets)
     if not 1 <= T <= n + P:
-        raise ValueError(f"number of targets must lie in 1..{n + P} (the token count); got {T}")
+        raise ConfigError(f"number of targets must lie in 1..{n + P} (the token count); got {T}")
     return T
 
 
@@ -179,14 +180,14 @@ def explain_flops(model_or_adapter: Union[nn.Module, Adapter], image_size: Image
     adapter = wrap(model_or_adapter)
     check_order(order)
     if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int; got {batch!r}")
+        raise ConfigError(f"batch must be a positive int; got {batch!r}")
     if backward not in ("auto", "manual", "autograd"):
-        raise ValueError(f"unknown backward {backward!r}; expected 'auto', 'manual' or 'autograd'")
+        raise ConfigError(f"unknown backward {backward!r}; expected 'auto', 'manual' or 'autograd'")
     g = _geometry(adapter, backward == "autograd")
     H_img, W_img = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     ph, pw = g.patch
     if H_img % ph or W_img % pw or H_img < ph or W_img < pw:
-        raise ValueError(f"image size {H_img}x{W_img} is not a positive multiple of the patch size {ph}x{pw}")
+        raise ConfigError(f"image size {H_img}x{W_img} is not a positive multiple of the patch size {ph}x{pw}")
     n = (H_img // ph) * (W_img // pw)
     N, d, Hh = n + g.num_prefix, g.dim, g.num_heads
     l = resolve_layer(layer, g.num_blocks)
@@ -234,7 +235,7 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 4096, device: Union
                 repeats: int = 3) -> float:
     """FLOP/s of one n×n by n×n matrix product (2·n³ FLOPs), best of ``repeats`` after one warm-up."""
     if n < 1 or repeats < 1:
-        raise ValueError(f"n and repeats must be positive; got n={n}, repeats={repeats}")
+        raise ConfigError(f"n and repeats must be positive; got n={n}, repeats={repeats}")
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)

@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..errors import ConfigError
 from ..engine.allocator import release_freed_heap
 
 
@@ -30,9 +31,9 @@ class PeakMemory:
     def __init__(self, device: Union[str, torch.device] = "cpu", interval: float = 0.002, trim: bool = True):
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"PeakMemory supports cpu and cuda devices; got {self.device}")
+            raise ConfigError(f"PeakMemory supports cpu and cuda devices; got {self.device}")
         if interval <= 0:
-            raise ValueError(f"interval must be positive seconds; got {interval}")
+            raise ConfigError(f"interval must be positive seconds; got {interval}")
         self.interval = interval
         self.trim = trim
         self.start_bytes = 0

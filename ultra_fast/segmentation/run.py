@@ -20,8 +20,9 @@ from ..data.inputs import fit_size
 from ..engine.options import parse_compute_dtype
 from ..errors import ConfigError
 from ..models.preprocess import preprocess, to_rgb
-from .cluster import LINKAGES, METRICS, min_max
-from .segment import ASSIGN_RULES, nearest_token, segment_maps, strided_targets
+from .aggregation import AGGREGATIONS, last_layer_tokens, needs_features
+from .cluster import LINKAGES, METRICS
+from .segment import ASSIGN_RULES, nearest_token, segment_maps, strided_targets, token_partition
 
 #: Above this many float64 values (clusters x pixels) labels are computed in row chunks (huge images).
 FULL_RES_BUDGET = 1 << 24
@@ -46,6 +47,7 @@ class SegmentSettings:
     metric: str = "cosine"
     method: str = "average"
     assign: str = "argmax"
+    aggregation: str = "paper"  # left out of run.json when "paper", so folders of older runs resume
     # Fast modes; at their defaults they are left out of run.json, so folders of older runs resume.
     compute_dtype: Optional[str] = None
     target_stride: int = 1
@@ -59,6 +61,8 @@ class SegmentSettings:
             raise ConfigError(f"linkage {self.method!r} needs --metric euclidean")
         if self.assign not in ASSIGN_RULES:
             raise ConfigError(f"unknown assign rule {self.assign!r}; expected one of {ASSIGN_RULES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"unknown aggregation {self.aggregation!r}; expected one of {list(AGGREGATIONS)}")
         if self.n_clusters is not None:
             if int(self.n_clusters) < 1:
                 raise ConfigError(f"--n-clusters {self.n_clusters} is impossible: need at least 1 cluster")
@@ -66,7 +70,7 @@ class SegmentSettings:
             upper = 2.0 if self.metric in ("cosine", "correlation") else float("inf")
             if self.threshold is None or not 0 < float(self.threshold) <= upper:
                 raise ConfigError(f"--threshold {self.threshold} is impossible for {self.metric} distances "
-                                 f"(need 0 < threshold <= {upper:g})")
+                                  f"(need 0 < threshold <= {upper:g})")
         if self.size is not None and int(self.size) < 1:
             raise ConfigError(f"--size {self.size} is impossible (need >= 1)")
         if int(self.max_tokens) < 2:
@@ -89,6 +93,8 @@ class SegmentSettings:
         for name, default in FAST_MODE_DEFAULTS.items():
             if d[name] == default:
                 del d[name]
+        if d["aggregation"] == "paper":
+            del d["aggregation"]
         return d
 
 
@@ -182,30 +188,35 @@ class ImageResult:
 
 
 def segment_one(maps: torch.Tensor, size: Tuple[int, int], s: SegmentSettings,
-                positions: Optional[np.ndarray] = None) -> ImageResult:
+                positions: Optional[np.ndarray] = None, features: Optional[np.ndarray] = None) -> ImageResult:
     """Segment one image from its (n, h, w) token maps, labels at ``size`` (H, W); memory-safe for huge images.
 
     ``positions``: the row-major patches whose maps ``maps`` holds (a target stride), or None for all.
+    ``features``: (n, D) the explained tokens' features, for the aggregations that read them.
+    The maps are clustered once (``token_partition``) for both resolutions.
     """
     n, h, w = maps.shape
     H, W = int(size[0]), int(size[1])
     raw = maps.float().cpu().numpy()
+    part = token_partition(maps, s.metric, s.method, positions, s.aggregation, features)
     small = segment_maps(maps, (h, w), s.threshold, s.n_clusters, s.metric, s.method, s.assign,
-                         token_positions=positions)
+                         token_positions=positions, partition=part)
     K = int(small.token_clusters.max()) + 1
     if K * H * W <= FULL_RES_BUDGET:
         full = segment_maps(maps, (H, W), s.threshold, s.n_clusters, s.metric, s.method, s.assign,
-                            token_positions=positions)
+                            token_positions=positions, partition=part)
         labels = full.labels
     elif positions is not None and s.assign == "token" and n < h * w:
         # the cluster of the nearest explained token (segment_maps's rule), already row-chunked
         ids = small.token_clusters.reshape(-1)[np.asarray(positions)]
         labels = ids[nearest_token(small.token_positions, (h, w), (H, W))].astype(np.int32)
     else:
-        flat = min_max(maps.reshape(n, -1).double().cpu().numpy())
+        flat = part.maps
         ids = small.token_clusters.reshape(-1)  # the token rule reads the (h, w) grid of ids
         if positions is not None and s.assign == "argmax":  # ... argmax sums the maps: ids in map order
             ids = ids[np.asarray(positions)]
+        if s.assign == "argmax" and not part.summed.all():  # artefact tokens do not shape the sums
+            flat, ids = flat[part.summed], ids[part.summed]
         labels = labels_chunked(flat, ids, (h, w), (H, W), s.assign)
     return ImageResult(labels, small.token_clusters, small.linkage, raw,
                        None if positions is None else np.asarray(positions))
@@ -217,7 +228,10 @@ def segment_tensors(adapter, x: torch.Tensor, sizes: Sequence[Tuple[int, int]], 
     x = x.to(device=adapter.device, dtype=adapter.dtype)
     targets, positions = s.targets(adapter.grid_size(x), adapter.num_prefix_tokens)
     maps = engine.explain(adapter, x, targets=targets, **s.explain_kwargs(backend))
-    return [segment_one(m, hw, s, positions) for m, hw in zip(maps, sizes)]
+    feats: List[Optional[np.ndarray]] = [None] * len(maps)
+    if needs_features(s.aggregation):
+        feats = [f if positions is None else f[positions] for f in last_layer_tokens(adapter, x)]
+    return [segment_one(m, hw, s, positions, f) for m, hw, f in zip(maps, sizes, feats)]
 
 
 def segment_image(adapter, image, s: SegmentSettings, backend: str = "auto") -> ImageResult:

@@ -1,6 +1,6 @@
 """The naive oracle for token rows: one ``autograd.grad`` per target over every block's attention map.
 
-SPEC §2 literally, for any adapter whose ``embed`` takes token ids: one forward with every
+docs/method.md §2 literally, for any adapter whose ``embed`` takes token ids: one forward with every
 attention map kept in the graph, then per (sequence, target) the gradients G^(b) of F_i with
 respect to all A^(b), dense C^(b) = I + mean_h(relu(G) ⊙ A), chained in the requested order.
 Shares nothing of the fast engine's arithmetic; used by the tests as the reference.

@@ -1,4 +1,4 @@
-"""The ULTra_W self-consistency objective (SPEC §5): segment, perturb outside each segment, compare tokens.
+"""The ULTra_W self-consistency objective (docs/method.md §5): segment, perturb outside each segment, compare tokens.
 
 For an image x segmented with the current W, and a segment c, ``x̃^c`` is x perturbed on the pixels
 outside c. A token i whose whole patch lies inside c sees unchanged pixels, so a good explanation
@@ -18,6 +18,7 @@ import torch
 
 from ..engine.options import eval_mode, resolve_layer
 from ..engine.scalars import LearnedScalar
+from ..errors import ConfigError, InputError
 from ..models import Adapter
 
 PERTURBATIONS = ("noise", "mask")
@@ -53,7 +54,7 @@ def directions(theta: torch.Tensor) -> torch.Tensor:
     """w_i = θ_i / ||θ_i||; a zero row has no direction and is refused."""
     norms = torch.linalg.vector_norm(theta, dim=-1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError("theta has an all-zero row: its direction w_i = θ_i/||θ_i|| is undefined")
+        raise InputError("theta has an all-zero row: its direction w_i = θ_i/||θ_i|| is undefined")
     return theta / norms
 
 
@@ -64,15 +65,15 @@ def self_consistency_loss(theta: torch.Tensor, tokens: torch.Tensor, diffs: torc
     (a mean over nothing).
     """
     if theta.dim() != 2:
-        raise ValueError(f"theta must be (n, d); got shape {tuple(theta.shape)}")
+        raise InputError(f"theta must be (n, d); got shape {tuple(theta.shape)}")
     if tokens.dim() != 1 or tokens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"tokens must be a 1-D integer tensor; got shape {tuple(tokens.shape)}, {tokens.dtype}")
+        raise InputError(f"tokens must be a 1-D integer tensor; got shape {tuple(tokens.shape)}, {tokens.dtype}")
     if diffs.shape != (tokens.shape[0], theta.shape[1]):
-        raise ValueError(f"diffs must be (M, d) = ({tokens.shape[0]}, {theta.shape[1]}); got {tuple(diffs.shape)}")
+        raise InputError(f"diffs must be (M, d) = ({tokens.shape[0]}, {theta.shape[1]}); got {tuple(diffs.shape)}")
     if tokens.numel() == 0:
-        raise ValueError("no (segment, token) pairs: the loss is a mean over nothing")
+        raise InputError("no (segment, token) pairs: the loss is a mean over nothing")
     if int(tokens.min()) < 0 or int(tokens.max()) >= theta.shape[0]:
-        raise ValueError(f"token positions must lie in 0..{theta.shape[0] - 1}; got "
+        raise InputError(f"token positions must lie in 0..{theta.shape[0] - 1}; got "
                          f"{int(tokens.min())}..{int(tokens.max())}")
     w = directions(theta)[tokens]
     proj = (w * diffs.to(theta.dtype)).sum(-1)
@@ -105,7 +106,7 @@ def inside_tokens(labels: np.ndarray, patch_size) -> np.ndarray:
     ph, pw = patch_size
     H, W = labels.shape
     if H % ph or W % pw:
-        raise ValueError(f"labels of size {(H, W)} are not tiled by {ph}x{pw} patches")
+        raise InputError(f"labels of size {(H, W)} are not tiled by {ph}x{pw} patches")
     blocks = labels.reshape(H // ph, ph, W // pw, pw).transpose(0, 2, 1, 3).reshape(H // ph, W // pw, -1)
     first = blocks[..., 0]
     uniform = (blocks == first[..., None]).all(-1)
@@ -125,7 +126,7 @@ def perturb_outside(image: torch.Tensor, outside: torch.Tensor, perturb: str, de
         dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
         eps = torch.randn(image.shape, generator=generator, dtype=dtype).to(image.device, image.dtype)
         return image + float(delta) * eps * outside.to(image.device, image.dtype)
-    raise ValueError(f"unknown perturbation {perturb!r}; expected one of {PERTURBATIONS}")
+    raise ConfigError(f"unknown perturbation {perturb!r}; expected one of {PERTURBATIONS}")
 
 
 def consistency_pairs(adapter: Adapter, images: torch.Tensor, labels: np.ndarray, layer: int,
@@ -138,12 +139,12 @@ def consistency_pairs(adapter: Adapter, images: torch.Tensor, labels: np.ndarray
     Perturbed copies are drawn image by image, segment by segment in increasing id order.
     """
     if perturb not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {perturb!r}; expected one of {PERTURBATIONS}")
+        raise ConfigError(f"unknown perturbation {perturb!r}; expected one of {PERTURBATIONS}")
     if perturb == "noise" and not delta > 0:
-        raise ValueError(f"delta (the noise std) must be > 0; got {delta}")
+        raise ConfigError(f"delta (the noise std) must be > 0; got {delta}")
     labels = np.asarray(labels)
     if labels.shape != (images.shape[0], *images.shape[-2:]):
-        raise ValueError(f"labels must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}; got {labels.shape}")
+        raise InputError(f"labels must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}; got {labels.shape}")
     P = adapter.num_prefix_tokens
     patch = adapter.preprocessing.patch_size
     z = tokens_at(adapter, images, layer)

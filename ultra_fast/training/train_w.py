@@ -1,4 +1,4 @@
-"""The ULTra_W training loop (SPEC §5): Adam on Θ over batches of images, model frozen, resumable.
+"""The ULTra_W training loop (docs/method.md §5): Adam on Θ over batches of images, model frozen, resumable.
 
 Per batch: segment each image with the current W (ULTra_W maps of all patch tokens at ``layer``,
 clustered at ζ, ``assign="token"`` by default so every pixel belongs to the segment of its own patch
@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.inputs import load_rgb
 from ..engine.options import resolve_layer
+from ..errors import ConfigError
 from ..models import Adapter, wrap
 from ..models.preprocess import target_size, to_rgb
 from ..segmentation import ASSIGN_RULES
@@ -69,7 +71,7 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> List[int]:
 def _names_and_digest(images: Sequence[ImageSource], names: Optional[Sequence[str]]) -> Tuple[List[str], str]:
     """Names of the images and one digest of their contents (file bytes, or a PIL image's pixels)."""
     if names is not None and len(names) != len(images):
-        raise ValueError(f"{len(names)} names for {len(images)} images")
+        raise ConfigError(f"{len(names)} names for {len(images)} images")
     out, total = [], hashlib.sha256()
     for k, img in enumerate(images):
         h = hashlib.sha256()
@@ -103,7 +105,6 @@ def created_name(adapter: Adapter) -> str:
 def _open(img: ImageSource) -> Image.Image:
     if isinstance(img, Image.Image):
         return to_rgb(img)
-    from ..data import load_rgb
     return load_rgb(str(img))
 
 
@@ -113,25 +114,25 @@ def _input_size(adapter: Adapter, first: Image.Image, size) -> Tuple[int, int]:
     if size is not None and not isinstance(size, int):
         size = tuple(int(s) for s in size)
         if len(size) != 2:
-            raise ValueError(f"size must be an int (shorter side), (h, w) or None; got {size}")
+            raise ConfigError(f"size must be an int (shorter side), (h, w) or None; got {size}")
     return target_size((first.height, first.width), size, cfg)
 
 
 def _check_args(threshold, delta, perturb, batch_size, epochs, lr, steps, seed, assign) -> None:
     if not 0 < float(threshold) <= 2:
-        raise ValueError(f"threshold must be a cosine distance in (0, 2]; got {threshold}")
+        raise ConfigError(f"threshold must be a cosine distance in (0, 2]; got {threshold}")
     if perturb not in PERTURBATIONS:
-        raise ValueError(f"unknown perturb {perturb!r}; expected one of {PERTURBATIONS}")
+        raise ConfigError(f"unknown perturb {perturb!r}; expected one of {PERTURBATIONS}")
     if perturb == "noise" and not float(delta) > 0:
-        raise ValueError(f"delta (noise std) must be > 0; got {delta}")
+        raise ConfigError(f"delta (noise std) must be > 0; got {delta}")
     if assign not in ASSIGN_RULES:
-        raise ValueError(f"unknown assign rule {assign!r}; expected one of {ASSIGN_RULES}")
+        raise ConfigError(f"unknown assign rule {assign!r}; expected one of {ASSIGN_RULES}")
     for name, value, lo in (("batch_size", batch_size, 1), ("epochs", epochs, 0), ("steps", steps, 1),
                             ("seed", seed, 0)):
         if not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name} must be an int >= {lo}; got {value!r}")
+            raise ConfigError(f"{name} must be an int >= {lo}; got {value!r}")
     if not float(lr) > 0:
-        raise ValueError(f"lr must be > 0; got {lr}")
+        raise ConfigError(f"lr must be > 0; got {lr}")
 
 
 def _settings_mismatch(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
@@ -171,7 +172,7 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
     _check_args(threshold, delta, perturb, batch_size, epochs, lr, steps, seed, assign)
     adapter = wrap(model)
     if not images:
-        raise ValueError("train_w needs at least one image")
+        raise ConfigError("train_w needs at least one image")
     images = list(images)
     names, digest = _names_and_digest(images, names)
     H, W = _input_size(adapter, _open(images[0]), size)
@@ -195,8 +196,8 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
         state = read_checkpoint(out)
         diff = _settings_mismatch(state["settings"], settings)
         if diff:
-            raise ValueError(f"{out} holds a W run with other settings ({'; '.join(diff)}); "
-                             f"pass another out= or delete it to start afresh")
+            raise ConfigError(f"{out} holds a W run with other settings ({'; '.join(diff)}); "
+                              f"pass another out= or delete it to start afresh")
         with torch.no_grad():
             param.copy_(state["theta"])
         opt.load_state_dict(state["optimizer"])

@@ -6,6 +6,8 @@ import colorsys
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError, InputError
+
 
 def palette(n: int = 256) -> np.ndarray:
     """(n, 3) uint8 distinct colours: matplotlib's tab20 first, then golden-ratio hues. Deterministic."""
@@ -28,9 +30,9 @@ def label_image(labels: np.ndarray) -> Image.Image:
     (pixel value = segment id, coloured by ``palette``), else a 16-bit grayscale image."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise ValueError(f"labels must be (H, W); got shape {labels.shape}")
+        raise InputError(f"labels must be (H, W); got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 65535):
-        raise ValueError("segment ids must lie in 0..65535")
+        raise ConfigError("segment ids must lie in 0..65535")
     if labels.size == 0 or labels.max() < 256:
         im = Image.fromarray(labels.astype(np.uint8), mode="P")
         im.putpalette(palette(256).reshape(-1).tolist())
@@ -57,7 +59,7 @@ def label_overlay(image, labels: np.ndarray, alpha: float = 0.5, edges: bool = T
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
     labels = np.asarray(labels)
     if rgb.shape[:2] != labels.shape:
-        raise ValueError(f"image {rgb.shape[:2]} and labels {labels.shape} differ in size")
+        raise InputError(f"image {rgb.shape[:2]} and labels {labels.shape} differ in size")
     colours = palette(int(labels.max()) + 1 if labels.size else 1)
     tint = colours[labels]
     a = int(round(min(max(alpha, 0.0), 1.0) * 256))  # integer blend: fast and exact on huge images
