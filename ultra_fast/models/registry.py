@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Optional
 
 from torch import nn
 
-from .base import Adapter, UnsupportedModelError
+from .base import Adapter, TokenAdapter, UnsupportedModelError
 from .hf_vision import (
     HALF,
     IMAGENET_MEAN,
@@ -123,6 +123,10 @@ def wrap(model: Any, image_processor: Any = None) -> Adapter:
     """
     if isinstance(model, Adapter):
         return model
+    if isinstance(model, TokenAdapter):  # e.g. a text adapter: it has no images, patch grid or preprocessing
+        raise UnsupportedModelError(
+            f"{model.name} is a {type(model).__name__}, not an image adapter: explain its tokens with "
+            f"ultra_fast.text or ultra_fast.engine.explain_rows")
     entry = find_entry(model) if isinstance(model, nn.Module) else None
     if entry is None:
         families = "; ".join(f"{e.family}: {e.loading}" for e in REGISTRY)

@@ -207,7 +207,5 @@ def last_layer_tokens(adapter, x: torch.Tensor) -> np.ndarray:
     features ``joint`` and ``+clean`` read (``adapter``: a wrapped model; ``x``: preprocessed images)."""
     from ..engine.options import eval_mode
     with torch.no_grad(), eval_mode(adapter):
-        z = adapter.embed(x)
-        for b in range(adapter.num_blocks):
-            z, _ = adapter.block(b, z)
+        z = adapter.run(x).tokens
     return z[:, adapter.num_prefix_tokens:].float().cpu().numpy()

@@ -84,10 +84,7 @@ def tokens_at(adapter: Adapter, images: torch.Tensor, layer: int) -> torch.Tenso
     """z^(layer) (B, N, d): a graph-free forward of the frozen model, in eval mode."""
     l = resolve_layer(layer, adapter.num_blocks)
     with torch.no_grad(), eval_mode(adapter):
-        z = adapter.embed(images)
-        for b in range(l):
-            z, _ = adapter.block(b, z)
-    return z
+        return adapter.run(images, upto=l).tokens
 
 
 def segment_with_w(adapter: Adapter, images: torch.Tensor, theta: torch.Tensor, layer: int,
