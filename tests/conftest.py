@@ -47,3 +47,13 @@ def slowed_cli(argv, delay_s: float) -> list:
             "from ultra_fast.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     return [sys.executable, "-c", code, *[str(a) for a in argv]]
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """This CPU as one with AVX512_BF16, whatever it really has: tests of the bf16 mode's plumbing run
+    everywhere (the mode itself is refused on CPUs without native bf16, see tests/test_hardware.py)."""
+    from ultra_fast.engine import hardware
+    monkeypatch.delenv(hardware.CAPABILITY_ENV, raising=False)
+    real = hardware._torch_cpu_features()
+    monkeypatch.setattr(hardware, "cpu_features", lambda: ("AVX512", {**real[1], "avx512_bf16": True}))

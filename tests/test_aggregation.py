@@ -163,3 +163,48 @@ def test_text_sink_tokens_are_prefix_columns_and_rows_are_scaled():
     assert (c.scores - ref).abs().max().item() <= 1e-9
     with pytest.raises(ConfigError, match="sink_tokens"):
         tokenize_pair(tok, CONTEXT, SUMMARY, sink_tokens=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluation sweep: every strategy at the paper's segment counts, from maps computed once
+
+
+def test_harness_compares_strategies_at_equal_counts_from_cached_maps(tmp_path, explain_spy):
+    import models_zoo
+    from PIL import Image
+    from ultra_fast.data import open_dataset
+    from ultra_fast.evaluation.harness import EvalConfig, run_evaluation
+    model, _ = models_zoo.get("dino_s16", torch.float32)
+    rng = np.random.default_rng(0)
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "labels").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / f"{i}.png")
+        label = np.zeros((30, 40), np.uint8)
+        label[5:25, 10:30] = 1
+        Image.fromarray(label).save(tmp_path / "d" / "labels" / f"{i}.png")
+    ds = open_dataset("folder", tmp_path / "d", class_names=("background", "a"))
+    base = dict(size=(48, 64), scalars=("sum",), thresholds=(0.3, 0.5), taus=(), perturbation=False,
+                baselines=("kmeans",))
+    cache = tmp_path / "maps"
+    paper = run_evaluation(model, ds, EvalConfig(**base), tmp_path / "a", progress=False, maps_cache=cache)
+    assert len(explain_spy) == 2 and paper["itiou"] == []          # one explain per image; no ITIoU asked
+    res = run_evaluation(model, ds, EvalConfig(**base, aggregations=("paper", "spectral", "joint+clean")),
+                         tmp_path / "b", progress=False, maps_cache=cache)
+    assert len(explain_spy) == 2                                    # the sweep re-used the cached maps
+    for protocol in ("per-image", "dataset"):
+        rows = res["segmentation"][protocol]
+        key = lambda r: (r["method"], r["aggregation"], r["baseline"], r["assign"], r["threshold"])  # noqa: E731
+        old = {key(r): r for r in paper["segmentation"][protocol]}
+        for r in rows:                                              # the paper's rows are unchanged
+            if key(r) in old:
+                assert r["mIoU"] == old[key(r)]["mIoU"] and r["mean_segments"] == old[key(r)]["mean_segments"]
+        for z in (0.3, 0.5):  # every method cut to the paper's count: equal segments under the token rule
+            counts = {(r["aggregation"] or r["method"]): r["mean_segments"] for r in rows
+                      if r["threshold"] == z and r["assign"] in ("token", None)}
+            assert set(counts) == {"paper", "spectral", "joint+clean", "k-means", "feature spectral"}
+            assert len(set(counts.values())) == 1, counts
+        assert any(r["threshold"] == "auto" and r["aggregation"] == "spectral" for r in rows)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "## Aggregations at equal segment counts" in md and "feature spectral (features)" in md
+    assert (tmp_path / "b" / "aggregations.png").is_file()

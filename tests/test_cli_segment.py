@@ -289,20 +289,20 @@ def test_tree_command(ws, tmp_path):
     assert main(["tree", str(ws["in"] / "0_image.png"), "--out", str(out), "--thresholds", "0,1"]) == 2
 
 
-def test_tree_and_demo_take_the_bf16_mode(ws, tmp_path, explain_spy):
+def test_tree_and_demo_take_the_bf16_mode(ws, tmp_path, explain_spy, bf16_cpu):
     """``tree`` and ``demo`` pass --compute-dtype on (tree has no --target-stride: its leaves are all
     patches); demo writes an overlay, a label PNG per photo and the sheet."""
     from ultra_fast.cli import main
     model = ["--model", MODEL, "--pretrained", "0", "--checkpoint", str(ws["ck"]), "--size", "64"]
     assert main(["tree", str(ws["in"] / "0_image.png"), "--out", str(tmp_path / "t.png"), "--thresholds", "0.05",
                  "--compute-dtype", "bfloat16"] + model) == 0
-    assert explain_spy[-1]["compute_dtype"] is torch.bfloat16
+    assert explain_spy[-1]["compute_dtype"] == "bfloat16"
     with pytest.raises(SystemExit):
         main(["tree", str(ws["in"] / "0_image.png"), "--target-stride", "2"] + model)
     out = tmp_path / "demo"
     assert main(["demo", "--images", "coffee", "--out", str(out), "--compute-dtype", "bfloat16",
                  "--target-stride", "2"] + model) == 0
-    assert explain_spy[-1]["compute_dtype"] is torch.bfloat16 and len(explain_spy[-1]["targets"]) < 16
+    assert explain_spy[-1]["compute_dtype"] == "bfloat16" and len(explain_spy[-1]["targets"]) < 16
     for name in ("coffee_overlay.png", "coffee_labels.png", "demo_sheet.png"):
         assert (out / name).is_file(), name
 
@@ -319,7 +319,7 @@ def _small_images(d, sizes=((40, 60), (45, 45))):
     return d
 
 
-def test_segment_fast_mode_flags_reach_explain_and_run_json(tmp_path, explain_spy, capsys):
+def test_segment_fast_mode_flags_reach_explain_and_run_json(tmp_path, explain_spy, capsys, bf16_cpu):
     from ultra_fast.profiling.bench import stride_targets
     d = _small_images(tmp_path / "in")
     out = tmp_path / "seg"
@@ -331,7 +331,7 @@ def test_segment_fast_mode_flags_reach_explain_and_run_json(tmp_path, explain_sp
     assert [r["status"] for r in recs] == ["ok", "ok"] and len(explain_spy) == 2
     for rec, kw in zip(recs, explain_spy):
         grid = tuple(rec["grid"])
-        assert kw["targets"] == stride_targets(grid, 1, 2) and kw["compute_dtype"] is torch.bfloat16
+        assert kw["targets"] == stride_targets(grid, 1, 2) and kw["compute_dtype"] == "bfloat16"
         assert kw["start_block"] == 2
         with np.load(out / rec["outputs"]["maps"]) as z:
             assert z["positions"].tolist() == [t - 1 for t in kw["targets"]]
@@ -357,12 +357,12 @@ def test_segment_run_json_without_fast_modes_is_accepted_at_their_defaults(tmp_p
     assert json.loads((tmp_path / RUN_FILE).read_text()) == old
     with pytest.raises(ValueError, match="target_stride=None there, 2 now"):
         record_settings(tmp_path, SegmentSettings(target_stride=2).to_json())
-    for bad, word in [(dict(target_stride=0), "--target-stride"), (dict(compute_dtype="int8"), "--compute-dtype")]:
+    for bad, word in [(dict(target_stride=0), "--target-stride"), (dict(compute_dtype="int8"), "compute_dtype")]:
         with pytest.raises(ValueError, match=word):
             SegmentSettings(**bad).validate()
 
 
-def test_explain_fast_mode_flags_reach_explain(tmp_path, explain_spy, capsys):
+def test_explain_fast_mode_flags_reach_explain(tmp_path, explain_spy, capsys, bf16_cpu):
     from ultra_fast.cli import main
     img = _small_images(tmp_path / "in", sizes=((48, 64),)) / "im0.png"
     base = ["explain", str(img), "--model", MODEL, "--pretrained", "0", "--size", "48", "--out",
@@ -370,7 +370,7 @@ def test_explain_fast_mode_flags_reach_explain(tmp_path, explain_spy, capsys):
     assert main(base + ["--compute-dtype", "bfloat16", "--target-stride", "2"]) == 0
     (kw,) = explain_spy
     # 48 x 64 -> 3 x 4 patches; every 2nd row and column: patches 0, 2, 8, 10 (tokens +1 for the CLS token)
-    assert kw["targets"] == [1, 3, 9, 11] and kw["compute_dtype"] is torch.bfloat16
+    assert kw["targets"] == [1, 3, 9, 11] and kw["compute_dtype"] == "bfloat16"
     assert (tmp_path / "grid.png").is_file()
     explain_spy.clear()
     assert main(base + ["--num-tokens", "2"]) == 0

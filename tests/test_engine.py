@@ -220,7 +220,7 @@ def test_blocks_outside_the_manual_backward_fall_back_to_autograd():
     assert rel_err(explain(model, x), explain_naive(model, x)) <= 1e-9
 
 
-def test_compute_dtype_bfloat16_is_close_to_float32():
+def test_compute_dtype_bfloat16_is_close_to_float32(bf16_cpu):
     """The bf16 backward mode: inexact by design; maps stay close to the exact fp32 maps."""
     import timm
     torch.manual_seed(0)
@@ -238,7 +238,7 @@ def test_compute_dtype_bfloat16_is_close_to_float32():
 
 @pytest.mark.parametrize("model_key", MODEL_KEYS)
 @pytest.mark.parametrize("low_rank", [True, False])
-def test_explained_block_hands_down_low_rank_or_dense_cotangents(model_key, low_rank, monkeypatch):
+def test_explained_block_hands_down_low_rank_or_dense_cotangents(model_key, low_rank, monkeypatch, bf16_cpu):
     """Both forms of the explained block's input cotangent (``LowRankCotangent`` or dense), forced
     whatever the token count, give the naive maps; bf16 mode takes the low-rank form too."""
     from ultra_fast.engine import block_backward as bb

@@ -228,7 +228,7 @@ def test_default_fast_modes_keep_old_run_keys_and_caches_valid(tmp_path, tiny_mo
                                                      "target_stride": 2}), out, progress=False)
 
 
-def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tiny_model, explain_spy):
+def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tiny_model, explain_spy, bf16_cpu):
     from ultra_fast import explain as real  # the package-level name is not the spied one
     from ultra_fast.segmentation.segment import nearest_token
     ds = _folder_dataset(tmp_path / "data", n=1)

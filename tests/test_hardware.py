@@ -26,14 +26,6 @@ def avx2_cpu(monkeypatch):
     monkeypatch.setenv(hardware.CAPABILITY_ENV, "AVX2")
 
 
-@pytest.fixture
-def bf16_cpu(monkeypatch):
-    """This CPU as one with AVX512_BF16 (whatever it really has)."""
-    monkeypatch.delenv(hardware.CAPABILITY_ENV, raising=False)
-    real = hardware._torch_cpu_features()
-    monkeypatch.setattr(hardware, "cpu_features", lambda: ("AVX512", {**real[1], "avx512_bf16": True}))
-
-
 def _model():
     model, size = models_zoo.get("dino_s16", torch.float32)
     return model, models_zoo.images(size, batch=1, dtype=torch.float32)

@@ -4,7 +4,7 @@ Importing the package also loads the compiled ops when they are built (``torch.o
 see ``ultra_fast.ops``); heavy optional libraries (timm, open_clip, transformers) load only when used.
 """
 from . import ops
-from .engine import LearnedScalar, explain, explain_authors, explain_naive
+from .engine import ExplainConfig, LearnedScalar, explain, explain_authors, explain_naive, explain_with
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -18,7 +18,7 @@ from .models import Adapter, create_model, load_images, preprocess, wrap
 from .segmentation import Segmentation, segment
 
 __version__ = "0.1.0"
-__all__ = ["explain", "explain_naive", "explain_authors", "LearnedScalar", "Adapter", "create_model", "wrap",
+__all__ = ["explain", "explain_with", "ExplainConfig", "explain_naive", "explain_authors", "LearnedScalar", "Adapter", "create_model", "wrap",
            "preprocess", "load_images", "segment", "Segmentation", "ops", "UltraFastError", "ConfigError",
            "InputError", "CheckpointError", "UnsupportedModelError", "UnsupportedHardwareError",
            "NativeOpsUnavailableError", "__version__"]

@@ -7,20 +7,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, UnsupportedHardwareError
+from ..errors import ConfigError
 from ..models import Adapter, TokenAdapter, wrap
 from . import reference_ops
 from .allocator import reuse_freed_memory
 from .backend import get_ops
 from .block_backward import (ConsumeG, LowRankCotangent, block_backward, block_backward_one_row, block_forward,
                              cast_block)
+from .config import ExplainConfig
 from .maps import Size, finalize, resolve_size, upsample
-from .options import (ComputeDtype, bytes_per_target, check_order, chunk_size, eval_mode, resolve_compute_dtype,
+from .options import (ComputeDtype, bytes_per_target, chunk_size, eval_mode, resolve_compute_dtype,
                       resolve_layer, resolve_start)
 from .scalars import LearnedScalar, ScalarFn, resolve_scalar, token_cotangents
 from .targets import Targets, resolve_targets
-
-BACKWARDS = ("auto", "manual", "autograd")
 
 
 def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -162,16 +161,23 @@ def explain(
     Returns:
         (B, T, h, w) maps, or (B, T, *size) when ``size`` is given.
     """
+    config = ExplainConfig(layer=layer, scalar=scalar, targets=targets, order=order, start_block=start_block,
+                           size=size, interpolation=interpolation, self_max=self_max, weights=weights,
+                           backend=backend, backward=backward, memory_budget=memory_budget,
+                           compute_dtype=compute_dtype, progress=progress)
+    return explain_with(model, images, config)
+
+
+def explain_with(model: Union[nn.Module, Adapter], images: torch.Tensor, config: ExplainConfig) -> torch.Tensor:
+    """``explain`` with its options as one validated ``ExplainConfig``: (B, T, h, w) maps, or (B, T, *size)."""
     adapter = wrap(model)
     adapter.check_images(images)
     images = images.to(device=adapter.device, dtype=adapter.dtype)
-    out_size = resolve_size(size, images)
+    out_size = resolve_size(config.size, images)
     grid = adapter.grid_size(images)
-    rows, idx = explain_rows(adapter, images, layer=layer, scalar=scalar, targets=targets, order=order,
-                             start_block=start_block, weights=weights, backend=backend, backward=backward,
-                             memory_budget=memory_budget, compute_dtype=compute_dtype, progress=progress)
-    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, self_max)
-    return upsample(maps, out_size, interpolation)
+    rows, idx = explain_rows_with(adapter, images, config)
+    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, config.self_max)
+    return upsample(maps, out_size, config.interpolation)
 
 
 def explain_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
@@ -181,18 +187,25 @@ def explain_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, s
                  progress: bool = False):
     """The modality-free core of ``explain``: rows S̄_i[i, :] (B, T, N) over all N tokens, and the
     (B, T) target indices. ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
-    l = resolve_layer(layer, adapter.num_blocks)
-    s = resolve_start(start_block, l)
-    check_order(order)
-    if backward not in BACKWARDS:
-        raise ConfigError(f"unknown backward {backward!r}; expected one of {BACKWARDS}")
-    compute_dtype = resolve_compute_dtype(compute_dtype, adapter.device, adapter.dtype)
-    if compute_dtype is not None and backward == "autograd":
+    config = ExplainConfig(layer=layer, scalar=scalar, targets=targets, order=order, start_block=start_block,
+                           weights=weights, backend=backend, backward=backward, memory_budget=memory_budget,
+                           compute_dtype=compute_dtype, progress=progress)
+    return explain_rows_with(adapter, inputs, config)
+
+
+def explain_rows_with(adapter: TokenAdapter, inputs, config: ExplainConfig):
+    """``explain_rows`` with its options as one ``ExplainConfig`` (``size``, ``interpolation`` and
+    ``self_max`` do not apply to rows). Returns (rows (B, T, N), target indices (B, T))."""
+    l = resolve_layer(config.layer, adapter.num_blocks)
+    s = resolve_start(config.start_block, l)
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, adapter.device, adapter.dtype)
+    if compute_dtype is not None and config.backward == "autograd":
         raise ConfigError("compute_dtype needs the hand-written backward (backward='auto' or 'manual')")
+    order, backward, targets = config.order, config.backward, config.targets
     P = adapter.num_prefix_tokens
     if adapter.device.type == "cpu":
         reuse_freed_memory()
-    fn = resolve_scalar(scalar, weights, P, adapter=adapter, inputs=inputs)
+    fn = resolve_scalar(config.scalar, config.weights, P, adapter=adapter, inputs=inputs)
     with eval_mode(adapter):
         with torch.no_grad():  # one graph-free forward; each block is recomputed from its saved input
             fw = adapter.run(inputs, upto=l, keep_inputs_from=s)
@@ -201,16 +214,16 @@ def explain_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, s
         idx = resolve_targets(targets, B, N, P, z.device)
         if isinstance(fn, LearnedScalar) and fn.theta.shape[0] == N - P and bool((idx < P).any()):
             raise ConfigError("the learned W covers patch tokens only; prefix tokens cannot be explained with it")
-        ops = get_ops(backend, z.device, compute_dtype or z.dtype, order)
+        ops = get_ops(config.backend, z.device, compute_dtype or z.dtype, order)
         rows = token_cotangents(fn, z)
         T = idx.shape[1]
         cd = compute_dtype or z.dtype
         per_target = bytes_per_target(B, N, adapter.num_heads, adapter.embed_dim, z.element_size(), order,
                                       compute_elem=cd.itemsize,
                                       casts_G=cd != z.dtype and not _step_takes_mixed(order, ops, z.dtype))
-        step = chunk_size(memory_budget, per_target, T, z.device)
+        step = chunk_size(config.memory_budget, per_target, T, z.device)
         out = z.new_empty(B, T, N)
-        for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not progress):
+        for c in tqdm(range(0, T, step), desc="targets", unit="chunk", disable=not config.progress):
             out[:, c:c + step] = _explain_rows(adapter, saved, rows, idx[:, c:c + step], order, s, ops,
                                                backward, compute_dtype)
     return out, idx

@@ -5,7 +5,8 @@
   and dense (N, N) matrices chained.
 - ``explain_authors``: the authors' notebook algorithm: for every token a fresh forward pass of
   its image and one ``autograd.grad`` call per block.
-Both share the validation and post-processing of the fast engine and nothing of its arithmetic.
+Both share the validation (``ExplainConfig``), the forward loop (``adapter.run``) and the
+post-processing of the fast engine, and nothing of its arithmetic.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import Adapter, TokenAdapter, wrap
+from .config import ExplainConfig
 from .maps import Size, finalize, resolve_size, upsample
-from .options import check_order, eval_mode, resolve_layer, resolve_start
+from .options import eval_mode, resolve_layer, resolve_start
 from .scalars import ScalarFn, resolve_scalar
 from .targets import Targets, resolve_targets
 
@@ -36,18 +38,12 @@ def chain(Cs: List[torch.Tensor], order: str) -> torch.Tensor:
     return S
 
 
-def _prepare(model, images, layer, scalar, targets, order, start_block, size, weights):
-    adapter = wrap(model)
-    adapter.check_images(images)
-    images = images.to(device=adapter.device, dtype=adapter.dtype)
-    l = resolve_layer(layer, adapter.num_blocks)
-    s = resolve_start(start_block, l)
-    check_order(order)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens, adapter=adapter, inputs=images)
-    grid = adapter.grid_size(images)
-    N = adapter.num_prefix_tokens + grid[0] * grid[1]
-    idx = resolve_targets(targets, images.shape[0], N, adapter.num_prefix_tokens, images.device)
-    return adapter, images, l, s, fn, grid, idx
+def _options(layer, scalar, targets, order, start_block, size, interpolation, self_max, weights,
+             progress) -> ExplainConfig:
+    """The references' arguments as the engine's validated options (the engine-only ones at their defaults)."""
+    return ExplainConfig(layer=layer, scalar=scalar, targets=targets, order=order, start_block=start_block,
+                         size=size, interpolation=interpolation, self_max=self_max, weights=weights,
+                         progress=progress)
 
 
 def naive_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, scalar: Union[str, ScalarFn] = "sum",
@@ -56,25 +52,30 @@ def naive_rows(adapter: TokenAdapter, inputs: torch.Tensor, layer: int = -1, sca
     """The modality-free core of ``explain_naive`` (as ``explain_rows`` is of ``explain``): rows
     S̄_i[i, :] (B, T, N) over all N tokens and the (B, T) target indices, one backward per target.
     ``inputs`` is whatever ``adapter.embed`` takes (images, token ids)."""
-    l = resolve_layer(layer, adapter.num_blocks)
-    s = resolve_start(start_block, l)
-    check_order(order)
-    fn = resolve_scalar(scalar, weights, adapter.num_prefix_tokens, adapter=adapter, inputs=inputs)
+    config = _options(layer, scalar, targets, order, start_block, None, "bilinear", True, weights, progress)
+    return naive_rows_with(adapter, inputs, config)
+
+
+def naive_rows_with(adapter: TokenAdapter, inputs, config: ExplainConfig):
+    """``naive_rows`` with its options as one ``ExplainConfig`` (the engine-only options are ignored)."""
+    l = resolve_layer(config.layer, adapter.num_blocks)
+    s = resolve_start(config.start_block, l)
+    fn = resolve_scalar(config.scalar, config.weights, adapter.num_prefix_tokens, adapter=adapter, inputs=inputs)
     rows = []
     with eval_mode(adapter), torch.enable_grad():
         fw = adapter.run(inputs, upto=l, keep_attn=True)  # every attention map stays in the graph
         z, attns = fw.tokens, fw.attentions
         F = fn(z)
         B, N = F.shape
-        idx = resolve_targets(targets, B, N, adapter.num_prefix_tokens, z.device)
+        idx = resolve_targets(config.targets, B, N, adapter.num_prefix_tokens, z.device)
         used = attns[s - 1:l]
-        for b in tqdm(range(B), desc="inputs", disable=not progress):
+        for b in tqdm(range(B), desc="inputs", disable=not config.progress):
             for t in range(idx.shape[1]):
                 i = int(idx[b, t])
                 Gs = torch.autograd.grad(F[b, i], used, retain_graph=True, allow_unused=True)
                 Cs = [dense_C(torch.zeros_like(A[b]) if G is None else G[b], A[b].detach())
                       for G, A in zip(Gs, used)]
-                rows.append(chain(Cs, order)[i].detach())
+                rows.append(chain(Cs, config.order)[i].detach())
     return torch.stack(rows).reshape(B, idx.shape[1], -1), idx
 
 
@@ -84,13 +85,14 @@ def explain_naive(model: Union[nn.Module, Adapter], images: torch.Tensor, layer:
                   self_max: bool = True, weights: Optional[torch.Tensor] = None,
                   progress: bool = False) -> torch.Tensor:
     """One backward pass per target token; same arguments and output as ``explain``."""
+    config = _options(layer, scalar, targets, order, start_block, size, interpolation, self_max, weights, progress)
     adapter = wrap(model)
     adapter.check_images(images)
     images = images.to(device=adapter.device, dtype=adapter.dtype)
     grid = adapter.grid_size(images)
-    rows, idx = naive_rows(adapter, images, layer, scalar, targets, order, start_block, weights, progress)
-    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, self_max)
-    return upsample(maps, resolve_size(size, images), interpolation)
+    rows, idx = naive_rows_with(adapter, images, config)
+    maps = finalize(rows, idx, adapter.num_prefix_tokens, grid, config.self_max)
+    return upsample(maps, resolve_size(config.size, images), config.interpolation)
 
 
 def explain_authors(model: Union[nn.Module, Adapter], images: torch.Tensor, layer: int = -1,
@@ -99,12 +101,20 @@ def explain_authors(model: Union[nn.Module, Adapter], images: torch.Tensor, laye
                     interpolation: str = "bilinear", self_max: bool = True,
                     weights: Optional[torch.Tensor] = None, progress: bool = False) -> torch.Tensor:
     """The authors' algorithm: per token, a forward pass plus one ``autograd.grad`` per block."""
-    adapter, images, l, s, fn, grid, idx = _prepare(model, images, layer, scalar, targets, order,
-                                                    start_block, size, weights)
+    config = _options(layer, scalar, targets, order, start_block, size, interpolation, self_max, weights, progress)
+    adapter = wrap(model)
+    adapter.check_images(images)
+    images = images.to(device=adapter.device, dtype=adapter.dtype)
+    l = resolve_layer(config.layer, adapter.num_blocks)
+    s = resolve_start(config.start_block, l)
+    fn = resolve_scalar(config.scalar, config.weights, adapter.num_prefix_tokens, adapter=adapter, inputs=images)
+    grid = adapter.grid_size(images)
+    N = adapter.num_prefix_tokens + grid[0] * grid[1]
+    idx = resolve_targets(config.targets, images.shape[0], N, adapter.num_prefix_tokens, images.device)
     B, T = idx.shape
     rows = []
     with eval_mode(adapter), torch.enable_grad():
-        for b in tqdm(range(B), desc="images", disable=not progress):
+        for b in tqdm(range(B), desc="images", disable=not config.progress):
             for t in range(T):
                 i = int(idx[b, t])
                 fw = adapter.run(images[b:b + 1], upto=l, keep_attn=True)
@@ -115,7 +125,7 @@ def explain_authors(model: Union[nn.Module, Adapter], images: torch.Tensor, laye
                     (G,) = torch.autograd.grad(F, A, retain_graph=True, allow_unused=True)
                     G = torch.zeros_like(A) if G is None else G
                     Cs.append(dense_C(G[0], A[0].detach()))
-                rows.append(chain(Cs, order)[i])
+                rows.append(chain(Cs, config.order)[i])
     out = torch.stack(rows).reshape(B, T, -1)
-    maps = finalize(out, idx, adapter.num_prefix_tokens, grid, self_max)
-    return upsample(maps, resolve_size(size, images), interpolation)
+    maps = finalize(out, idx, adapter.num_prefix_tokens, grid, config.self_max)
+    return upsample(maps, resolve_size(config.size, images), config.interpolation)

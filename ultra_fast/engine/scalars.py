@@ -76,7 +76,9 @@ def load_learned_weights(weights, adapter=None, inputs=None) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):
         return weights
     if isinstance(weights, (str, os.PathLike)):
-        grid = adapter.grid_size(inputs) if adapter is not None and inputs is not None else None
+        # a patch grid only for image adapters; token (text) adapters have none to check against
+        has_grid = hasattr(adapter, "grid_size") and inputs is not None
+        grid = adapter.grid_size(inputs) if has_grid else None
         return load_w(weights, model_name=adapter.name if adapter is not None else None, grid=grid,
                       num_prefix_tokens=adapter.num_prefix_tokens if adapter is not None else None,
                       dim=adapter.embed_dim if adapter is not None else None).theta

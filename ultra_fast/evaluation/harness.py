@@ -612,7 +612,8 @@ def run_evaluation(model: Union[nn.Module, Adapter], dataset: SegDataset, config
                disable=not progress)
     for s in todo:
         label = dataset.load_label(s)
-        record = evaluate_image(adapter, plan, s, dataset.load_image(s), label, maps_cache)
+        record = evaluate_image(adapter, plan, s, dataset.load_image(s), label,
+                                **({"maps_cache": maps_cache} if maps_cache is not None else {}))
         save_record(cache_path(out, s.name), record)
         bar.set_postfix(s_per_img=f"{record['seconds']['total']:.1f}")
         bar.update(1)

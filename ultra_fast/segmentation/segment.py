@@ -8,8 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError
+from ..engine.config import ExplainConfig
 from ..engine.targets import stride_targets
+from ..errors import ConfigError, InputError
 from .aggregation import AGGREGATIONS, Partition, aggregate, last_layer_tokens, needs_features
 from .cluster import min_max
 
@@ -200,7 +201,8 @@ def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[
 def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int]]] = None,
             threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None, metric: str = "cosine",
             method: str = "average", assign: str = "argmax", interpolation: str = "bilinear",
-            target_stride: int = 1, aggregation: str = "paper", **explain_kwargs) -> List[Segmentation]:
+            target_stride: int = 1, aggregation: str = "paper", config: Optional[ExplainConfig] = None,
+            **explain_kwargs) -> List[Segmentation]:
     """Explain the patch tokens of each image and segment it; one ``Segmentation`` per image.
 
     ``sizes``: the (H, W) of each original image (labels come at that resolution); default: the
@@ -208,19 +210,20 @@ def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int
     only every k-th patch along rows and columns and segment from those maps (see ``segment_maps``).
     ``aggregation``: how the maps become segments (``aggregation.AGGREGATIONS``; the strategies that read
     features get the last block's patch tokens from one extra forward).
-    ``explain_kwargs`` go to ``ultra_fast.explain`` (layer, scalar, order, start_block, compute_dtype, ...).
+    The explanation's options: ``config`` (an ``ExplainConfig``; default: ``explain``'s defaults) with
+    ``explain_kwargs`` (layer, scalar, order, start_block, compute_dtype, ...) applied on top; validated
+    before any work.
     """
-    from ..engine import explain
+    from ..engine import explain_with  # looked up at call time, so that tests can spy on the engine
     from ..models import wrap
-    explain_kwargs.setdefault("targets", "patches")
-    if explain_kwargs["targets"] != "patches":
+    config = (config or ExplainConfig()).replace(**explain_kwargs)
+    if not (isinstance(config.targets, str) and config.targets == "patches"):
         raise ConfigError("segmentation explains patch tokens itself (targets='patches'; see target_stride)")
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"unknown aggregation {aggregation!r}; expected one of {list(AGGREGATIONS)}")
     adapter = wrap(model)
     targets, positions = strided_targets(adapter.grid_size(images), adapter.num_prefix_tokens, target_stride)
-    explain_kwargs["targets"] = targets
-    maps = explain(adapter, images, **explain_kwargs)
+    maps = explain_with(adapter, images, config.replace(targets=targets))
     if sizes is None:
         sizes = [tuple(images.shape[-2:])] * images.shape[0]
     if len(sizes) != images.shape[0]:
