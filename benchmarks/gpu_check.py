@@ -198,7 +198,7 @@ def markdown(s: dict) -> str:
 
 
 def plan() -> List[str]:
-    p = [f"self-check of the native CUDA ops against the torch ops (float64, float32, float16, bfloat16)"]
+    p = ["self-check of the native CUDA ops against the torch ops (float64, float32, float16, bfloat16)"]
     for name, _, size in EXACT_MODELS:
         for backend, cd in EXACT_MODES:
             p.append(f"exactness: {name} {size[0]}x{size[1]}, backend={backend}, backward {cd or 'float32'} "

@@ -239,3 +239,23 @@ def test_gpu_check_dry_run_lists_the_plan(tmp_path):
     for needle in ("self-check", "open_clip", "DINOv2-S/14", "backend=torch, backward bfloat16", "batch 8, tf32"):
         assert needle in plan
     assert "DRY RUN" in (tmp_path / "gpu_summary.md").read_text()
+
+
+def test_capped_isa_reads_as_no_native_bf16_and_is_really_slow():
+    """For real: this CPU with torch's and oneDNN's ISA capped at AVX2 behaves as an AVX2-only CPU (its bf16
+    product takes the slow path), and the probes see it that way, so ``auto`` stays exact."""
+    code = ("import time, torch\n"
+            "from ultra_fast.engine import options\n"
+            "def t(dt):\n"
+            "    a = torch.randn(768, 768).to(dt); torch.mm(a, a); s = time.perf_counter(); torch.mm(a, a)\n"
+            "    return time.perf_counter() - s\n"
+            "print(options.resolve_compute_dtype('auto', 'cpu'), min(t(torch.bfloat16) for _ in range(3)) / "
+            "min(t(torch.float32) for _ in range(3)))\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    env.pop(hardware.CAPABILITY_ENV, None)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    chosen, slowdown = p.stdout.split()
+    assert chosen == "None"
+    assert float(slowdown) > 3.0  # the non-native bf16 path: ~16x slower at 768² here, ~500x on a Zen 3

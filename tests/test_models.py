@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-import models_zoo as zoo
 from ultra_fast import UnsupportedModelError, create_model, wrap
 from ultra_fast.models import preprocess
+
+import models_zoo as zoo
 
 
 def test_open_clip_adapter_reproduces_the_model():
@@ -87,8 +88,8 @@ def test_local_checkpoint_is_loaded(tmp_path):
 
 
 def test_preprocess_policy():
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     cfg = wrap(zoo.get("dino_s16")[0]).preprocessing
     rgba = Image.fromarray(np.random.randint(0, 255, (50, 70, 4), dtype=np.uint8), "RGBA")
     gray16 = Image.fromarray(np.random.randint(0, 65535, (50, 70), dtype=np.uint16))

@@ -211,7 +211,9 @@ def test_malloc_reuse_is_on_after_explain_and_the_heap_can_be_given_back():
     memory back: the RSS falls after freeing a large tensor."""
     import os
     import sys
+
     import psutil
+
     from ultra_fast.engine import allocator, release_freed_heap
     if not sys.platform.startswith("linux") or allocator._libc() is None or os.environ.get("ULTRA_FAST_NO_MALLOPT"):
         pytest.skip("glibc malloc tuning applies on Linux/glibc without ULTRA_FAST_NO_MALLOPT")

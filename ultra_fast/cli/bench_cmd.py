@@ -5,8 +5,8 @@ import argparse
 import json
 import re
 
-from ..errors import ConfigError
 from ..engine.options import FAST_STRIDE
+from ..errors import ConfigError
 from .common import add_fast_mode_args, add_model_args, load_model
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -49,6 +49,10 @@ def _probe(name: str) -> Optional[bool]:
         return None
 
 
+#: oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) under which its bf16 kernels are not native.
+_ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 @functools.lru_cache(maxsize=None)
 def _torch_cpu_features() -> Tuple[str, Dict[str, Optional[bool]]]:
     capability = torch.backends.cpu.get_cpu_capability()
@@ -60,6 +64,17 @@ def _torch_cpu_features() -> Tuple[str, Dict[str, Optional[bool]]]:
         "amx_fp16": _probe("_is_amx_fp16_supported"),
         "avx512_fp16": None,  # torch has no probe; amx_fp16 or the micro-benchmark decide
     }
+    # The hardware flags say what the silicon has; what torch and oneDNN will *use* can be capped
+    # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): a bf16 product then runs the slow path
+    # (measured: < 1 GFLOP/s on an AVX512_BF16 CPU capped so), so the caps count as absent features.
+    capped = capability in ("DEFAULT", "AVX2") or \
+        os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_BELOW_BF16
+    if capped and capability in ("DEFAULT", "AVX2"):
+        features["avx512"] = False
+    if capped:
+        for k in ("avx512_bf16", "amx_tile", "amx_fp16"):
+            if features[k]:
+                features[k] = False
     return capability, features
 
 
@@ -97,8 +112,9 @@ def _matmul_seconds(dtype: torch.dtype, n: int) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _half_beats_float32(dtype: torch.dtype) -> bool:
-    """A 256² product in ``dtype`` takes at most 1.5x the float32 one (a non-native dtype takes 100x)."""
-    return _matmul_seconds(dtype, 256) <= 1.5 * _matmul_seconds(torch.float32, 256)
+    """A 768² product in ``dtype`` takes at most 1.5x the float32 one (a non-native dtype: 15-500x; smaller
+    products can take a fallback path that hides the difference)."""
+    return _matmul_seconds(dtype, 768) <= 1.5 * _matmul_seconds(torch.float32, 768)
 
 
 def cpu_native(dtype: torch.dtype) -> Tuple[bool, str]:

@@ -72,8 +72,8 @@ def random_images(adapter: Adapter, batch: int, size: int, seed: int = 0) -> tor
 
 def chain_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Which chain ops ``explain(backend=...)`` will use here: ``"native"`` or ``"torch"``."""
-    from ..engine.backend import get_ops
     from ..engine import reference_ops
+    from ..engine.backend import get_ops
     return "torch" if get_ops(backend, device, dtype, "rollout") is reference_ops else "native"
 
 
@@ -145,12 +145,12 @@ def _name(dtype: torch.dtype) -> str:
 def same_run_matmul_rates(device: torch.device, n: int = 4096,
                           dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> Dict[str, dict]:
     """{dtype name: {"flops_per_second", "n", "native"}}: the square matrix-product rate of each dtype,
-    measured now on ``device``. A half dtype the CPU does not compute natively is timed on a 256² product
+    measured now on ``device``. A half dtype the CPU does not compute natively is timed on a 512² product
     once (a 4096² one would take minutes there), and marked ``native: False``."""
     out: Dict[str, dict] = {}
     for dtype in dict.fromkeys(dtypes):
         native, why = supports_fast(dtype, device)
-        side, repeats = (n, 3) if native else (min(n, 256), 1)
+        side, repeats = (n, 3) if native else (min(n, 512), 1)
         out[_name(dtype)] = {"flops_per_second": matmul_rate(dtype, n=side, device=device, repeats=repeats),
                              "n": side, "native": native, "why": why}
     return out

@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..engine.options import bytes_per_target, check_order, chunk_size, resolve_layer, resolve_start
 from ..engine.block_backward import low_rank_pays
+from ..engine.options import bytes_per_target, check_order, chunk_size, resolve_layer, resolve_start
+from ..errors import ConfigError
 from ..models import Adapter, wrap
 
 ImageSize = Union[int, Tuple[int, int]]

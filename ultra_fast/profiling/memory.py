@@ -6,8 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..errors import ConfigError
 from ..engine.allocator import release_freed_heap
+from ..errors import ConfigError
 
 
 def _rss() -> int:
