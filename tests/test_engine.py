@@ -277,3 +277,24 @@ def test_low_rank_cotangent_matches_its_dense_form():
     torch.testing.assert_close(lr.dense(), want, rtol=1e-12, atol=1e-12)
     w = torch.randn(D, M, generator=g, dtype=torch.float64)
     torch.testing.assert_close(lr.matmul(w), want @ w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("model_key", ["dino_s16", "dinov2_s14_reg", "open_clip_b32"])
+def test_cuda_engine_matches_cpu_float64(model_key, backend):
+    """explain on CUDA in float32 (TF32 off) = the CPU float64 engine, every token, two images."""
+    import copy
+    m64, size = zoo.get(model_key, torch.float64)
+    x = zoo.images(size, batch=2)
+    ref = explain(m64, x, targets="all", backend="torch")
+    m32 = copy.deepcopy(m64).float().cuda()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = explain(m32, x.float().cuda(), targets="all", backend=backend)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert got.is_cuda and got.dtype == torch.float32
+    assert float((got.double().cpu() - ref).norm() / ref.norm()) < 1e-4
