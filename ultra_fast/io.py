@@ -27,3 +27,13 @@ def save_image(image, path) -> Path:
     """Atomically save a PIL image; the format follows the suffix of ``path``."""
     fmt = Path(path).suffix.lstrip(".").upper() or "PNG"
     return atomic_write(path, lambda tmp: image.save(tmp, format="JPEG" if fmt == "JPG" else fmt))
+
+
+def save_page(text: str, path) -> Path:
+    """Atomically write an HTML page (or any text) readable by all: a page to share, not a private temporary."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    out = atomic_write(path, write)
+    os.chmod(out, 0o644)
+    return out

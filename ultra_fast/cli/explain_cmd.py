@@ -8,14 +8,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .common import add_method_args, add_model_args, compute_dtype, load_model, target_stride
+from .common import add_image_source_args, add_method_args, add_model_args, compute_dtype, load_model, target_stride
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="explanation maps of tokens of one image, as a PNG grid")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("image", nargs="?", help="an image file")
-    src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
+    add_image_source_args(p)
     add_model_args(p)
     add_method_args(p, fast_modes=True)
     p.add_argument("--tokens", default=None,

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from .common import add_fast_mode_args, add_model_args, compute_dtype, load_model
+from .common import add_fast_mode_args, add_image_source_args, add_model_args, compute_dtype, load_model
 
 DEFAULT_SIZE = 224
 
@@ -14,9 +14,7 @@ DEFAULT_SIZE = 224
 def add_parser(sub) -> None:
     p = sub.add_parser("explore", help="interactive HTML page: hover any patch to see its map at every layer, "
                                        "recut the segmentation at any threshold")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("image", nargs="?", help="an image file")
-    src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
+    add_image_source_args(p)
     add_model_args(p)
     p.add_argument("--size", type=int, default=DEFAULT_SIZE,
                    help="shorter image side fed to the model (default: %(default)s)")

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
-from .common import add_fast_mode_args, add_method_args, add_model_args, load_model
+from .common import add_fast_mode_args, add_image_source_args, add_method_args, add_model_args, load_model
 
 DEFAULT_SIZE = 168
 
@@ -16,9 +16,7 @@ DEFAULT_SIZE = 168
 def add_parser(sub) -> None:
     p = sub.add_parser("tree", help="dendrogram of one image's token clustering beside segmentations at "
                                     "several thresholds (PNG)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("image", nargs="?", help="an image file")
-    src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
+    add_image_source_args(p)
     add_model_args(p)
     add_method_args(p)
     add_fast_mode_args(p, stride=False)  # the dendrogram's leaves are all patch tokens

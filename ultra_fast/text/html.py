@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from ..errors import ConfigError
-from ..io import atomic_write
+from ..io import save_page
 from .contributions import Contributions
 
 SCALES = ("log", "max", "minmax", "rank")
@@ -199,11 +198,4 @@ it, each row on its own scale); hover a summary token to colour the context by i
 
 def save_html(c: Contributions, path, title: Optional[str] = None, top: int = 10, scale: str = "log"):
     """Write ``render_html`` atomically to ``path``; returns the path."""
-    page = render_html(c, title=title, top=top, scale=scale)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-    out = atomic_write(path, write)
-    os.chmod(out, 0o644)  # a page to share, not a private temporary file
-    return out
+    return save_page(render_html(c, title=title, top=top, scale=scale), path)

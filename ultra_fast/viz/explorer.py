@@ -25,7 +25,6 @@ import base64
 import html
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,7 +38,7 @@ from ..data.inputs import fit_size
 from ..engine import explain
 from ..engine.options import ComputeDtype, resolve_layer
 from ..errors import ConfigError, InputError
-from ..io import atomic_write
+from ..io import save_page
 from ..models import wrap
 from ..models.preprocess import preprocess, to_rgb
 from ..segmentation.cluster import LINKAGES, METRICS, linkage, min_max
@@ -367,14 +366,7 @@ def render_explorer(data: ExplorerData, title: Optional[str] = None, threshold: 
 
 def save_explorer(data: ExplorerData, path, **kwargs):
     """Write ``render_explorer(data, **kwargs)`` atomically to ``path``; returns the path."""
-    page = render_explorer(data, **kwargs)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-    out = atomic_write(path, write)
-    os.chmod(out, 0o644)  # a page to share, not a private temporary file
-    return out
+    return save_page(render_explorer(data, **kwargs), path)
 
 
 def explorer(model, image: Image.Image, out=None, size: Union[None, int, Tuple[int, int]] = 224,
