@@ -146,9 +146,10 @@ def test_strided_subset_with_clean_keeps_positions():
 
 
 def test_text_sink_tokens_are_prefix_columns_and_rows_are_scaled():
-    from test_text import CONTEXT, SUMMARY, naive_rows, tiny, word_tokenizer
     from ultra_fast.errors import ConfigError
     from ultra_fast.text.contributions import contributions, tokenize_pair
+
+    from test_text import CONTEXT, SUMMARY, naive_rows, tiny, word_tokenizer
     tok = word_tokenizer([CONTEXT, SUMMARY, "\nTL;DR: "])
     model = tiny("llama")
     plain = tokenize_pair(tok, CONTEXT, SUMMARY)
@@ -170,10 +171,12 @@ def test_text_sink_tokens_are_prefix_columns_and_rows_are_scaled():
 
 
 def test_harness_compares_strategies_at_equal_counts_from_cached_maps(tmp_path, explain_spy):
-    import models_zoo
     from PIL import Image
+
     from ultra_fast.data import open_dataset
     from ultra_fast.evaluation.harness import EvalConfig, run_evaluation
+
+    import models_zoo
     model, _ = models_zoo.get("dino_s16", torch.float32)
     rng = np.random.default_rng(0)
     (tmp_path / "d" / "images").mkdir(parents=True)
@@ -208,3 +211,27 @@ def test_harness_compares_strategies_at_equal_counts_from_cached_maps(tmp_path, 
     md = (tmp_path / "b" / "results.md").read_text()
     assert "## Aggregations at equal segment counts" in md and "feature spectral (features)" in md
     assert (tmp_path / "b" / "aggregations.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batch runner's settings
+
+
+def test_runner_settings_take_an_aggregation_and_cluster_once(monkeypatch):
+    from ultra_fast.errors import ConfigError
+    from ultra_fast.segmentation import run as runner
+    s = runner.SegmentSettings()
+    assert "aggregation" not in s.to_json()             # older run.json files stay valid at the default
+    j = runner.SegmentSettings(aggregation="joint", n_clusters=2, threshold=None)
+    j.validate()
+    assert j.to_json()["aggregation"] == "joint"
+    with pytest.raises(ConfigError, match="unknown aggregation 'ward'"):
+        runner.SegmentSettings(aggregation="ward").validate()
+    maps, feats = _two_blocks()
+    calls = []
+    real = runner.token_partition
+    monkeypatch.setattr(runner, "token_partition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = runner.segment_one(maps, (24, 24), j, features=feats)
+    assert len(calls) == 1 and _is_split(res.token_clusters)   # both resolutions from one partition
+    ref = segment_maps(maps, (24, 24), n_clusters=2, aggregation="joint", features=feats)
+    np.testing.assert_array_equal(res.labels, ref.labels)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import models_zoo
 from ultra_fast.evaluation.harness import EvalConfig, run_evaluation
 from ultra_fast.segmentation import TokenClustering, cluster_tokens, min_max, segment_maps, token_partition
 from ultra_fast.segmentation.cluster import cut, linkage
+
+import models_zoo
 
 
 @pytest.fixture
@@ -63,6 +64,7 @@ def test_segment_maps_with_a_shared_partition_is_identical_and_links_once(linkag
 
 def test_harness_sweep_links_once_per_image_scalar_and_layer(tmp_path, linkage_spy):
     from PIL import Image
+
     from ultra_fast.data import open_dataset
     model, _ = models_zoo.get("dino_s16", torch.float32)
     rng = np.random.default_rng(0)

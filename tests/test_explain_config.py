@@ -4,12 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-import models_zoo as zoo
 import ultra_fast
 from ultra_fast import ExplainConfig, explain, explain_naive, explain_with, wrap
 from ultra_fast.engine import explain_rows, explain_rows_with
 from ultra_fast.errors import ConfigError
 from ultra_fast.segmentation import segment
+
+import models_zoo as zoo
 
 
 @pytest.mark.parametrize("kwargs, match", [

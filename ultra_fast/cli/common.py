@@ -7,10 +7,20 @@ from typing import Optional
 
 import torch
 
-from ..engine.options import COMPUTE_DTYPE_CHOICES, FAST_STRIDE, fast_mode, resolve_compute_dtype
+from ..engine.backend import BACKENDS
+from ..engine.config import ExplainConfig
+from ..engine.options import COMPUTE_DTYPE_CHOICES, FAST_STRIDE, ORDERS, fast_mode, resolve_compute_dtype
+from ..engine.scalars import SCALARS
 from ..errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_image_source_args(p: argparse.ArgumentParser) -> None:
+    """One image: a file, or ``--demo-image NAME`` (a photo bundled with scikit-image)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("image", nargs="?", help="an image file")
+    src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,13 +38,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_method_args(p: argparse.ArgumentParser, fast_modes: bool = False) -> None:
     """The method's options; ``fast_modes``: also ``--compute-dtype`` and ``--target-stride`` (only for
     subcommands that pass them on, so that no flag is silently ignored)."""
-    p.add_argument("--layer", type=int, default=-1, help="explain tokens after this block (default: last)")
-    p.add_argument("--scalar", default="sum", choices=["sum", "energy", "norm"])
-    p.add_argument("--order", default="rollout", choices=["rollout", "paper"])
-    p.add_argument("--start-block", type=int, default=1,
+    d = ExplainConfig()  # defaults and choices are the engine's, so the CLI cannot drift from explain()
+    p.add_argument("--layer", type=int, default=d.layer, help="explain tokens after this block (default: last)")
+    p.add_argument("--scalar", default=d.scalar, choices=[s for s in SCALARS if s != "learned"])
+    p.add_argument("--order", default=d.order, choices=list(ORDERS))
+    p.add_argument("--start-block", type=int, default=d.start_block,
                    help="first block whose attention contributes (default: 1; later = faster, inexact)")
     p.add_argument("--size", type=int, default=448, help="shorter image side fed to the model (default: %(default)s)")
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
+    p.add_argument("--backend", default=d.backend, choices=list(BACKENDS))
     if fast_modes:
         add_fast_mode_args(p)
 

@@ -153,7 +153,8 @@ def _print_summary(results) -> None:
     primary = results["primary"]
     for protocol, rows in results["segmentation"].items():
         for r in rows:
-            if r["method"] == "ULTra" and (r["scalar"], r["layer"], r["threshold"]) != (
+            matched = "|" in str(r.get("baseline") or "")  # a feature baseline at one setting's counts
+            if (r["method"] == "ULTra" or matched) and (r["scalar"], r["layer"], r["threshold"]) != (
                     primary["scalar"], primary["layer"], primary["threshold"]):
                 continue
             extra = f" {r['assign']} ζ={r['threshold']:g}" if r["method"] == "ULTra" else ""

@@ -55,18 +55,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
 from ..data.datasets import Sample, SegDataset
-from ..engine.options import eval_mode, resolve_layer
+from ..engine.options import eval_mode, parse_compute_dtype, resolve_layer
+from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write
 from ..models import Adapter, wrap
 from ..segmentation import segment_maps
 from ..segmentation.aggregation import AGGREGATIONS, needs_features
-from ..engine.options import parse_compute_dtype
-from ..segmentation.segment import (ASSIGN_RULES, grid_positions, nearest_token, strided_targets,
-                                    token_partition)
-from .baselines import (cls_rollout_map, feature_spectral, foreground_mask, kmeans_token_clusters,
-                        upsample_nearest)
+from ..segmentation.segment import ASSIGN_RULES, grid_positions, nearest_token, strided_targets, token_partition
+from .baselines import cls_rollout_map, feature_spectral, foreground_mask, kmeans_token_clusters, upsample_nearest
 from .itiou import ITIoU, itiou_image
 from .metrics import DatasetWideMatching, PerImageMatching, segment_histograms
 from .perturbation import PerturbationScores, perturbation_test

@@ -29,8 +29,8 @@ patches); ``joint`` always does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,14 +74,23 @@ class Partition:
     maps: np.ndarray
     summed: np.ndarray
     linkage: np.ndarray
-    _cut_kept: object = None
+    _cut_kept: Optional[Callable[[Optional[float], Optional[int]], np.ndarray]] = None  # cuts the kept rows
     _kept: Optional[np.ndarray] = None
     _positions: Optional[np.ndarray] = None
     _grid: Tuple[int, int] = (0, 0)
+    _cuts: Dict[Tuple[Optional[float], Optional[int]], np.ndarray] = field(default_factory=dict)
 
     def cut(self, threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None) -> np.ndarray:
         """(n,) int64 cluster ids 0..K-1: ``n_clusters`` when given, else the strategy's own rule (ζ for
-        ``paper``, the eigengap for the spectral ones)."""
+        ``paper``, the eigengap for the spectral ones). Each cut is computed once (a sweep over pixel
+        rules asks for it again); a copy is returned."""
+        key = (None if threshold is None or n_clusters is not None else float(threshold),
+               None if n_clusters is None else int(n_clusters))
+        if key not in self._cuts:
+            self._cuts[key] = self._cut(threshold, n_clusters)
+        return self._cuts[key].copy()
+
+    def _cut(self, threshold: Optional[float], n_clusters: Optional[int]) -> np.ndarray:
         if self._kept is None or self._kept.all():
             return self._cut_kept(threshold, n_clusters)
         if n_clusters is not None:

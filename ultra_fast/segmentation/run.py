@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import engine
 from ..data.inputs import fit_size
-from ..engine.options import parse_compute_dtype
+from ..engine.config import ExplainConfig
 from ..errors import ConfigError
 from ..models.preprocess import preprocess, to_rgb
 from .aggregation import AGGREGATIONS, last_layer_tokens, needs_features
@@ -75,7 +75,7 @@ class SegmentSettings:
             raise ConfigError(f"--size {self.size} is impossible (need >= 1)")
         if int(self.max_tokens) < 2:
             raise ConfigError(f"--max-tokens {self.max_tokens} is impossible (need >= 2)")
-        parse_compute_dtype(self.compute_dtype)
+        self.explain_config()  # layer, scalar, order, start_block, compute_dtype: validated where explain's are
         if isinstance(self.target_stride, bool) or not isinstance(self.target_stride, int) or self.target_stride < 1:
             raise ConfigError(f"--target-stride {self.target_stride!r} is impossible (need an int >= 1)")
 
@@ -83,6 +83,10 @@ class SegmentSettings:
         """``explain`` options, targets aside (they depend on each image's grid: see ``targets``)."""
         return dict(layer=self.layer, scalar=self.scalar, order=self.order, start_block=self.start_block,
                     backend=backend, compute_dtype=self.compute_dtype)
+
+    def explain_config(self, backend: str = "auto") -> ExplainConfig:
+        """The run's ``explain`` options as one validated ``ExplainConfig`` (targets aside, as above)."""
+        return ExplainConfig(**self.explain_kwargs(backend))
 
     def targets(self, grid: Tuple[int, int], num_prefix: int):
         """(``explain`` targets, row-major patch positions or None): all patches, or every k-th one."""
