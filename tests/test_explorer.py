@@ -32,7 +32,6 @@ from ultra_fast.viz.explorer import (
     quantise,
     render_explorer,
     resolve_layers,
-    save_explorer,
     segment_map_q,
 )
 from ultra_fast.viz.labels import palette
@@ -378,4 +377,3 @@ def test_real_dinov2_page_and_screenshot(browser, tmp_path):  # noqa: F811
     if os.environ.get("ULTRA_FAST_UPDATE_DOCS") == "1":
         docs = Path(__file__).resolve().parents[1] / "docs"
         shutil.copyfile(shot, docs / "explorer.png")
-        save_explorer(data, docs / "explorer_astronaut.html", title="ULTra explorer: astronaut")
