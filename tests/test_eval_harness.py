@@ -11,17 +11,29 @@ import pytest
 import torch
 from PIL import Image
 
-import models_zoo
-from conftest import assets_dir
 from ultra_fast import explain
 from ultra_fast.cli import main
 from ultra_fast.data import open_dataset
-from ultra_fast.evaluation import (DatasetWideMatching, PerImageMatching, confusion, itiou_image,
-                                   upsample_nearest)
-from ultra_fast.evaluation import harness
-from ultra_fast.evaluation.harness import (EvalConfig, cache_path, pixel_patches, run_evaluation,
-                                           segment_features, summarise)
+from ultra_fast.evaluation import (
+    DatasetWideMatching,
+    PerImageMatching,
+    confusion,
+    harness,
+    itiou_image,
+    upsample_nearest,
+)
+from ultra_fast.evaluation.harness import (
+    EvalConfig,
+    cache_path,
+    pixel_patches,
+    run_evaluation,
+    segment_features,
+    summarise,
+)
 from ultra_fast.segmentation import segment_maps
+
+import models_zoo
+from conftest import assets_dir
 
 OUTPUT_FILES = ("run.json", "results.json", "results.md", "layers.png", "thresholds.png", "itiou.png")
 
@@ -200,6 +212,7 @@ def _old_key(plan):
 
 def test_default_fast_modes_keep_old_run_keys_and_caches_valid(tmp_path, tiny_model, monkeypatch):
     import hashlib
+
     from ultra_fast.models import wrap
     ds = _folder_dataset(tmp_path / "data", n=2)
     config = EvalConfig(**{**TINY, "baselines": (), "perturbation": False})

@@ -162,9 +162,10 @@ def test_bad_token_positions_are_refused(pos, err, word):
 
 
 def test_segment_with_a_target_stride_explains_the_strided_tokens_only():
-    import models_zoo
     from ultra_fast import explain
     from ultra_fast.segmentation import segment
+
+    import models_zoo
     model, size = models_zoo.get("dino_s16", torch.float32)           # 48 x 64 -> a 3 x 4 grid
     x = models_zoo.images(size, batch=1, dtype=torch.float32)
     segs = segment(model, x, sizes=[(30, 40)], n_clusters=2, threshold=None, assign="token", target_stride=2,

@@ -12,12 +12,25 @@ from ..models import Adapter, TokenAdapter, wrap
 from . import reference_ops
 from .allocator import reuse_freed_memory
 from .backend import get_ops
-from .block_backward import (ConsumeG, LowRankCotangent, block_backward, block_backward_one_row, block_forward,
-                             cast_block)
+from .block_backward import (
+    ConsumeG,
+    LowRankCotangent,
+    block_backward,
+    block_backward_one_row,
+    block_forward,
+    cast_block,
+)
 from .config import ExplainConfig
 from .maps import Size, finalize, resolve_size, upsample
-from .options import (ComputeDtype, bytes_per_target, chunk_size, eval_mode, resolve_compute_dtype,
-                      resolve_layer, resolve_start)
+from .options import (
+    ComputeDtype,
+    bytes_per_target,
+    chunk_size,
+    eval_mode,
+    resolve_compute_dtype,
+    resolve_layer,
+    resolve_start,
+)
 from .scalars import LearnedScalar, ScalarFn, resolve_scalar, token_cotangents
 from .targets import Targets, resolve_targets
 
