@@ -57,3 +57,20 @@ def bf16_cpu(monkeypatch):
     monkeypatch.delenv(hardware.CAPABILITY_ENV, raising=False)
     real = hardware._torch_cpu_features()
     monkeypatch.setattr(hardware, "cpu_features", lambda: ("AVX512", {**real[1], "avx512_bf16": True}))
+
+
+def two_image_folder_dataset(root: Path):
+    """A generic images/ + labels/ dataset of two random 30x40 photos, each with a square object (class 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from ultra_fast.data import open_dataset
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        label = np.zeros((30, 40), np.uint8)
+        label[5:25, 10:30] = 1
+        Image.fromarray(label).save(root / "labels" / f"{i}.png")
+    return open_dataset("folder", root, class_names=("background", "a"))

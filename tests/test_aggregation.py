@@ -171,22 +171,12 @@ def test_text_sink_tokens_are_prefix_columns_and_rows_are_scaled():
 
 
 def test_harness_compares_strategies_at_equal_counts_from_cached_maps(tmp_path, explain_spy):
-    from PIL import Image
-
-    from ultra_fast.data import open_dataset
     from ultra_fast.evaluation.harness import EvalConfig, run_evaluation
 
     import models_zoo
+    from conftest import two_image_folder_dataset
     model, _ = models_zoo.get("dino_s16", torch.float32)
-    rng = np.random.default_rng(0)
-    (tmp_path / "d" / "images").mkdir(parents=True)
-    (tmp_path / "d" / "labels").mkdir()
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / f"{i}.png")
-        label = np.zeros((30, 40), np.uint8)
-        label[5:25, 10:30] = 1
-        Image.fromarray(label).save(tmp_path / "d" / "labels" / f"{i}.png")
-    ds = open_dataset("folder", tmp_path / "d", class_names=("background", "a"))
+    ds = two_image_folder_dataset(tmp_path / "d")
     base = dict(size=(48, 64), scalars=("sum",), thresholds=(0.3, 0.5), taus=(), perturbation=False,
                 baselines=("kmeans",))
     cache = tmp_path / "maps"

@@ -63,19 +63,9 @@ def test_segment_maps_with_a_shared_partition_is_identical_and_links_once(linkag
 
 
 def test_harness_sweep_links_once_per_image_scalar_and_layer(tmp_path, linkage_spy):
-    from PIL import Image
-
-    from ultra_fast.data import open_dataset
+    from conftest import two_image_folder_dataset
     model, _ = models_zoo.get("dino_s16", torch.float32)
-    rng = np.random.default_rng(0)
-    (tmp_path / "d" / "images").mkdir(parents=True)
-    (tmp_path / "d" / "labels").mkdir()
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "d" / "images" / f"{i}.png")
-        label = np.zeros((30, 40), np.uint8)
-        label[5:25, 10:30] = 1
-        Image.fromarray(label).save(tmp_path / "d" / "labels" / f"{i}.png")
-    ds = open_dataset("folder", tmp_path / "d", class_names=("background", "a"))
+    ds = two_image_folder_dataset(tmp_path / "d")
     config = EvalConfig(size=(48, 64), scalars=("sum", "norm"), layers=(-2, -1), thresholds=(0.25, 0.3, 0.4, 0.5),
                         taus=(0.2,), perturbation=False, baselines=("kmeans",))
     res = run_evaluation(model, ds, config, tmp_path / "out", progress=False)
