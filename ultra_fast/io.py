@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def atomic_write(path, write: Callable[[str], None]) -> Path:
+def atomic_write(path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ class ExplainConfig:
         size = self.size
         if size is None or size == "input":
             return
-        if _is_int(size) and size > 0:
+        if isinstance(size, int) and _is_int(size) and size > 0:
             return
         if isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size):
             return

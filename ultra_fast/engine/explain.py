@@ -1,7 +1,7 @@
 """The fast exact engine (docs/method.md §3): all targets back-propagated together, block by block."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -49,7 +49,7 @@ def seed_cotangents(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def block_vjp(adapter: TokenAdapter, index: int, x: torch.Tensor, g, need_input_grad: bool,
               consume_G: ConsumeG, backward: str = "auto", ops=reference_ops,
-              compute_dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+              compute_dtype: Optional[torch.dtype] = None) -> Union[torch.Tensor, LowRankCotangent, None]:
     """Recompute block ``index`` from its input and pull T cotangents (T, B, N, d) back through it.
 
     ``g`` is a dense (T, B, N, d) tensor or the ``LowRankCotangent`` the explained block hands down, or
@@ -117,7 +117,7 @@ def _explain_rows(adapter: TokenAdapter, saved, rows, idx, order, start_block, o
             G, A = G.to(state.dtype), A.to(state.dtype)
         state = step(state, G, A)
 
-    g = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
+    g: Any = (rows, idx)  # row-sparse until the explained block's attention has mixed the rows
     first = start_block - 1
     for k in range(len(saved) - 1, -1, -1):
         g = block_vjp(adapter, first + k, saved[k], g, k > 0, consume, backward, ops, compute_dtype)

@@ -47,7 +47,7 @@ def resolve_size(size: Size, images: torch.Tensor) -> Optional[Tuple[int, int]]:
     if size is None:
         return None
     if size == "input":
-        return tuple(images.shape[-2:])
+        return int(images.shape[-2]), int(images.shape[-1])
     if isinstance(size, int):
         return (size, size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(int(s) > 0 for s in size):

@@ -109,13 +109,13 @@ def load_w(path, model_name: Optional[str] = None, grid: Optional[Sequence[int]]
     """
     state = read_checkpoint(path)
     theta = state["theta"]
-    grid0 = tuple(int(g) for g in state["grid"])
+    grid0 = (int(state["grid"][0]), int(state["grid"][1]))
     if not isinstance(theta, torch.Tensor) or theta.shape != (grid0[0] * grid0[1], int(state["dim"])):
         shape = tuple(theta.shape) if isinstance(theta, torch.Tensor) else type(theta).__name__
         raise CheckpointError(f"W checkpoint {path}: theta {shape} does not match its grid {grid0} and dim {state['dim']}")
     ckpt = WCheckpoint(theta=theta, model=str(state["model"]), adapter=str(state["adapter"]), grid=grid0,
                        num_prefix_tokens=int(state["num_prefix_tokens"]), dim=int(state["dim"]),
-                       layer=int(state["layer"]), size=tuple(int(s) for s in state["size"]),
+                       layer=int(state["layer"]), size=(int(state["size"][0]), int(state["size"][1])),
                        settings=dict(state["settings"]), losses=list(state.get("losses", [])),
                        history=list(state.get("history", [])), images=list(state.get("images", [])),
                        complete=bool(state.get("complete", False)), path=Path(os.fspath(path)))

@@ -81,7 +81,9 @@ def write_outputs(out_dir: Path, name: str, image: np.ndarray, res: ImageResult,
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 extra = {} if res.positions is None else {"positions": res.positions}
-                np.savez_compressed(f, maps=res.maps, token_clusters=res.token_clusters, linkage=res.linkage, **extra)
+                # numpy's stub types **kwds against its allow_pickle flag: the keyword arrays are what it takes
+                np.savez_compressed(f, maps=res.maps, token_clusters=res.token_clusters, linkage=res.linkage,
+                                    **extra)  # type: ignore[arg-type]
         atomic_write(paths["maps"], write)
     return {k: p.relative_to(out_dir).as_posix() for k, p in paths.items()}
 

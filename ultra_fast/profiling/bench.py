@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -99,9 +99,9 @@ def run_bench(adapter: Adapter, size: int, targets: str = "patches", layer: int 
     grid = adapter.grid_size(x)
     P = adapter.num_prefix_tokens
     tgt = parse_targets(targets, grid, P)
-    kw = dict(layer=layer, start_block=start_block, targets=tgt, backend=backend, memory_budget=memory_budget,
-              compute_dtype=compute_dtype)
-    fc = explain_flops(adapter, tuple(x.shape[-2:]), targets=tgt, layer=layer, start_block=start_block,
+    kw: Dict[str, Any] = dict(layer=layer, start_block=start_block, targets=tgt, backend=backend,
+                              memory_budget=memory_budget, compute_dtype=compute_dtype)
+    fc = explain_flops(adapter, (int(x.shape[-2]), int(x.shape[-1])), targets=tgt, layer=layer, start_block=start_block,
                        batch=batch, memory_budget=memory_budget)
     times = time_calls(lambda: explain(adapter, x, **kw), repeats, warmup, device)
     with PeakMemory(device) as pm:
@@ -160,7 +160,7 @@ def segment_rate(adapter: Adapter, x: torch.Tensor, repeats: int, warmup: int, *
     """Images/s of explain (all patch tokens) + ``segment_maps`` per image, best of ``repeats``."""
     from ..engine import explain
     from ..segmentation import segment_maps
-    size = tuple(x.shape[-2:])
+    size = (int(x.shape[-2]), int(x.shape[-1]))
 
     def run() -> None:
         maps = explain(adapter, x, targets="patches", **explain_kwargs)
