@@ -67,13 +67,13 @@ def _torch_cpu_features() -> Tuple[str, Dict[str, Optional[bool]]]:
     # The hardware flags say what the silicon has; what torch and oneDNN will *use* can be capped
     # (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2): a bf16 product then runs the slow path
     # (measured: < 1 GFLOP/s on an AVX512_BF16 CPU capped so), so the caps count as absent features.
-    capped = capability in ("DEFAULT", "AVX2") or \
-        os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_BELOW_BF16
-    if capped and capability in ("DEFAULT", "AVX2"):
+    below_avx512 = capability in ("DEFAULT", "AVX2")
+    onednn_capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_BELOW_BF16
+    if below_avx512:
         features["avx512"] = False
-    if capped:
+    if below_avx512 or onednn_capped:
         for k in ("avx512_bf16", "amx_tile", "amx_fp16"):
-            if features[k]:
+            if features[k]:  # None (torch cannot tell) stays None
                 features[k] = False
     return capability, features
 

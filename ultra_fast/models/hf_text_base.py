@@ -17,6 +17,18 @@ def base_model(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def require_parts(base: nn.Module, parts, shape: str) -> None:
+    """Refuse a model whose base lacks one of ``parts`` (names the first missing one and the expected shape)."""
+    for part in parts:
+        if not hasattr(base, part):
+            raise UnsupportedModelError(f"{type(base).__name__} lacks '{part}': not a {shape} model")
+
+
+def missing_parts(obj, parts, prefix: str = "") -> List[str]:
+    """``prefix + name`` of each of ``parts`` that ``obj`` lacks (all of them when ``obj`` is None)."""
+    return [f"{prefix}{p}" for p in parts if not hasattr(obj, p)]
+
+
 class HFTextAdapter(TokenAdapter):
     """Common part of the text adapters: token ids in, P = 0. A ``TokenAdapter``: text has no images,
     so no patch grid and no preprocessing."""

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import InputError
 from .base import UnsupportedModelError
 from .hf_text_attention import attention_probs, rotate_half, softmax_dtype
-from .hf_text_base import HFTextAdapter
+from .hf_text_base import HFTextAdapter, missing_parts, require_parts
 
 #: RMSNorm classes whose formula the adapter computes itself (in max(dtype, float32), see hf_text_attention).
 PLAIN_RMS_NORMS = tuple(f"{p}RMSNorm" for p in ("Llama", "Mistral", "Qwen2", "Qwen3"))
@@ -22,14 +22,11 @@ class LlamaTextAdapter(HFTextAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         base = self.base
-        for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
-            if not hasattr(base, part):
-                raise UnsupportedModelError(f"{type(base).__name__} lacks '{part}': not a Llama-shaped model")
+        require_parts(base, ("embed_tokens", "layers", "norm", "rotary_emb"), "Llama-shaped")
         for i, layer in enumerate(base.layers):
-            at = getattr(layer, "self_attn", None)
-            missing = [p for p in ("input_layernorm", "post_attention_layernorm", "mlp") if not hasattr(layer, p)]
-            missing += [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
-                        if not hasattr(at, p)]
+            missing = missing_parts(layer, ("input_layernorm", "post_attention_layernorm", "mlp"))
+            missing += missing_parts(getattr(layer, "self_attn", None),
+                                     ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"), "self_attn.")
             if missing:
                 raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}")
         cfg = self.config
@@ -100,13 +97,10 @@ class GPT2TextAdapter(HFTextAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         base = self.base
-        for part in ("wte", "wpe", "h", "ln_f"):
-            if not hasattr(base, part):
-                raise UnsupportedModelError(f"{type(base).__name__} lacks '{part}': not a GPT-2-shaped model")
+        require_parts(base, ("wte", "wpe", "h", "ln_f"), "GPT-2-shaped")
         for i, blk in enumerate(base.h):
-            missing = [p for p in ("ln_1", "attn", "ln_2", "mlp") if not hasattr(blk, p)]
-            missing += [f"attn.{p}" for p in ("c_attn", "c_proj", "split_size", "head_dim")
-                        if not hasattr(getattr(blk, "attn", None), p)]
+            missing = missing_parts(blk, ("ln_1", "attn", "ln_2", "mlp"))
+            missing += missing_parts(getattr(blk, "attn", None), ("c_attn", "c_proj", "split_size", "head_dim"), "attn.")
             if missing:
                 raise UnsupportedModelError(f"GPT-2 block {i} lacks {', '.join(missing)}")
         self.num_blocks = len(base.h)
