@@ -30,6 +30,12 @@ struct Dims {
   int64_t B, T, H, N;
 };
 
+// Every input of an op must sit on G's device (the kernels read them all in one launch).
+inline void check_device(const char* op, const char* name, const at::Tensor& x, const at::Tensor& G) {
+  TORCH_CHECK(x.device() == G.device(), op, ": all inputs must be on the same device; got ", name,
+              " on ", x.device(), " and G on ", G.device());
+}
+
 // Checks G (B,T,H,N,N) against A (B,H,N,N); returns the dimensions.
 inline Dims check_GA(const char* op, const at::Tensor& G, const at::Tensor& A) {
   TORCH_CHECK(A.dim() == 4 && A.size(2) == A.size(3), op,
@@ -43,9 +49,7 @@ inline Dims check_GA(const char* op, const at::Tensor& G, const at::Tensor& A) {
   TORCH_CHECK(G.scalar_type() == A.scalar_type(), op,
               ": G and A must have the same dtype; got G ", G.scalar_type(), " and A ",
               A.scalar_type());
-  TORCH_CHECK(G.device() == A.device(), op,
-              ": all inputs must be on the same device; got G on ", G.device(), " and A on ",
-              A.device());
+  check_device(op, "A", A, G);
   return Dims{B, G.size(1), H, N};
 }
 
@@ -59,9 +63,7 @@ inline void check_v(const char* op, const at::Tensor& v, const at::Tensor& G, co
   TORCH_CHECK(v.scalar_type() == G.scalar_type() || mixed, op,
               ": v must have G's dtype (or float32 with a bfloat16/float16 G); got v ",
               v.scalar_type(), " and G ", G.scalar_type());
-  TORCH_CHECK(v.device() == G.device(), op,
-              ": all inputs must be on the same device; got v on ", v.device(), " and G on ",
-              G.device());
+  check_device(op, "v", v, G);
 }
 
 inline void check_P(const char* op, const at::Tensor& P, const at::Tensor& G, const Dims& d) {
@@ -72,9 +74,7 @@ inline void check_P(const char* op, const at::Tensor& P, const at::Tensor& G, co
   TORCH_CHECK(P.scalar_type() == G.scalar_type(), op,
               ": P, G and A must have the same dtype; got P ", P.scalar_type(), " and G ",
               G.scalar_type());
-  TORCH_CHECK(P.device() == G.device(), op,
-              ": all inputs must be on the same device; got P on ", P.device(), " and G on ",
-              G.device());
+  check_device(op, "P", P, G);
 }
 
 // The kernels need a unit stride in the last (m) dimension; any other stride (e.g. G

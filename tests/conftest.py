@@ -22,16 +22,23 @@ def _seed():
 
 @pytest.fixture
 def explain_spy(monkeypatch):
-    """Records the keyword arguments of every ``ultra_fast.engine.explain`` call (the real one runs)."""
-    import ultra_fast.engine
-    real = ultra_fast.engine.explain
+    """Records the options (``ExplainConfig.kwargs()``, a compute dtype by its name) of every explanation
+    that goes through ``explain`` / ``explain_with`` (the real one runs)."""
+    import sys
+
+    import torch
+    module = sys.modules["ultra_fast.engine.explain"]
+    real = module.explain_rows_with
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def spy(adapter, inputs, config):
+        kw = config.kwargs()
+        if isinstance(kw["compute_dtype"], torch.dtype):
+            kw["compute_dtype"] = str(kw["compute_dtype"]).replace("torch.", "")
+        calls.append(kw)
+        return real(adapter, inputs, config)
 
-    monkeypatch.setattr(ultra_fast.engine, "explain", spy)
+    monkeypatch.setattr(module, "explain_rows_with", spy)
     return calls
 
 

@@ -1,35 +1,19 @@
 """The fast engine against the naive one-backward-per-token reference (docs/method.md §2-3)."""
 import pytest
 import torch
+from exactness import cubic, engine_vs_naive, learned_weights, mixed_targets, rel_err
 
-from ultra_fast import explain, explain_authors, explain_naive, wrap
+from ultra_fast import explain, explain_authors, explain_naive
 
 import models_zoo as zoo
 
 MODEL_KEYS = list(zoo.MODELS)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs difference relative to the map scale."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    scale = b.abs().max().item()
-    assert scale > 0, "reference maps are all zero: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
-
-
-def cubic(z):
-    return (z[..., : z.shape[-1] // 2] ** 3).sum(-1)
-
-
 def scalar_args(name, model_key):
     if name == "learned":
-        adapter = wrap(zoo.get(model_key)[0])
-        _, size = zoo.MODELS[model_key]
-        n = adapter.num_prefix_tokens + (size[0] // adapter.preprocessing.patch_size[0]) * (
-            size[1] // adapter.preprocessing.patch_size[1])
-        theta = torch.randn(n, adapter.embed_dim, dtype=torch.float64)
-        return dict(scalar="learned", weights=theta)
+        model, size = zoo.get(model_key)
+        return dict(scalar="learned", weights=learned_weights(model, size))
     if name == "callable":
         return dict(scalar=cubic)
     return dict(scalar=name)
@@ -40,24 +24,16 @@ def scalar_args(name, model_key):
 def test_engine_matches_naive_fp64(model_key, scalar):
     model, size = zoo.get(model_key)
     x = zoo.images(size)
-    kw = scalar_args(scalar, model_key)
-    fast = explain(model, x, **kw)
-    ref = explain_naive(model, x, **kw)
-    assert fast.dtype == torch.float64
-    assert rel_err(fast, ref) <= 1e-9
+    assert engine_vs_naive(model, x, **scalar_args(scalar, model_key)) <= 1e-9
 
 
 @pytest.mark.parametrize("model_key", MODEL_KEYS)
 @pytest.mark.parametrize("order", ["rollout", "paper"])
 def test_orders_start_block_layer_and_target_subsets(model_key, order):
     model, size = zoo.get(model_key)
-    x = zoo.images(size)
-    P = wrap(model).num_prefix_tokens
-    targets = [0, P, P + 2, P + 1]  # a prefix token, patches out of order
-    kw = dict(order=order, start_block=3, layer=-3, targets=targets, scalar="energy")
-    fast = explain(model, x, **kw)
-    assert fast.shape[:2] == (2, len(targets))
-    assert rel_err(fast, explain_naive(model, x, **kw)) <= 1e-9
+    targets = mixed_targets(model, prefix="first")
+    assert engine_vs_naive(model, zoo.images(size), order=order, start_block=3, layer=-3, targets=targets,
+                           scalar="energy") <= 1e-9
 
 
 @pytest.mark.parametrize("order", ["rollout", "paper"])

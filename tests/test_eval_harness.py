@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ultra_fast import explain
+from ultra_fast import ExplainConfig, explain
 from ultra_fast.cli import main
 from ultra_fast.data import open_dataset
 from ultra_fast.evaluation import (
@@ -25,6 +25,7 @@ from ultra_fast.evaluation import (
 from ultra_fast.evaluation.harness import (
     EvalConfig,
     cache_path,
+    mode_of,
     pixel_patches,
     run_evaluation,
     segment_features,
@@ -216,8 +217,8 @@ def test_default_fast_modes_keep_old_run_keys_and_caches_valid(tmp_path, tiny_mo
     from ultra_fast.models import wrap
     ds = _folder_dataset(tmp_path / "data", n=2)
     config = EvalConfig(**{**TINY, "baselines": (), "perturbation": False})
-    explicit = EvalConfig(**{**TINY, "baselines": (), "perturbation": False, "start_block": 1,
-                             "compute_dtype": None, "target_stride": 1})
+    explicit = EvalConfig(**{**TINY, "baselines": (), "perturbation": False, "target_stride": 1,
+                             "explain": ExplainConfig(start_block=1, compute_dtype=None, order="rollout")})
     plan = harness.make_plan(wrap(tiny_model), ds, explicit)
     old = _old_key(plan)
     assert tuple(plan.key()) == OLD_KEY_FIELDS and plan.key() == old
@@ -246,7 +247,8 @@ def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tin
     from ultra_fast.segmentation.segment import nearest_token
     ds = _folder_dataset(tmp_path / "data", n=1)
     calls = explain_spy
-    config = EvalConfig(**{**TINY, "start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2})
+    config = EvalConfig(**{**TINY, "explain": ExplainConfig(start_block=2, compute_dtype="bfloat16"),
+                           "target_stride": 2})
     out = tmp_path / "out"
     res = run_evaluation(tiny_model, ds, config, out, progress=False)
     # 3 x 4 grid, stride 2: patches (0,0) (0,2) (2,0) (2,2) = tokens 1, 3, 9, 11 after the CLS token
@@ -255,7 +257,7 @@ def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tin
     assert len(ultra) == 1 and len(rollout) == 1
     assert ultra[0]["targets"] == [1, 3, 9, 11] and ultra[0]["start_block"] == 2
     assert ultra[0]["compute_dtype"] in ("bfloat16", torch.bfloat16)
-    assert "start_block" not in rollout[0] and "compute_dtype" not in rollout[0]   # baselines stay exact
+    assert rollout[0]["start_block"] == 1 and rollout[0]["compute_dtype"] is None   # baselines stay exact
     name = "bfloat16 backward, start block 2, target stride 2"
     assert res["mode"] == {"start_block": 2, "compute_dtype": "bfloat16", "target_stride": 2, "name": name}
     assert {k: res["settings"][k] for k in ("start_block", "compute_dtype", "target_stride")} == {
@@ -280,11 +282,16 @@ def test_fast_modes_reach_every_ultra_explanation_and_are_recorded(tmp_path, tin
     assert res["perturbation"]["modes"]["mask"]["count"] == 3
 
     with pytest.raises(ValueError, match="start_block 13 lies after layer 12"):
-        harness.make_plan(harness.wrap(tiny_model), ds, EvalConfig(**{**TINY, "start_block": 13}))
-    for bad, word in [(dict(start_block=0), "start_block"), (dict(target_stride=0), "target_stride"),
-                      (dict(compute_dtype="int8"), "compute_dtype")]:
+        harness.make_plan(harness.wrap(tiny_model), ds, EvalConfig(**{**TINY, "explain": ExplainConfig(start_block=13)}))
+    for bad, word in [(dict(start_block=0), "start_block"), (dict(compute_dtype="int8"), "compute_dtype")]:
         with pytest.raises(ValueError, match=word):
-            EvalConfig(**bad).validate()
+            EvalConfig(explain=ExplainConfig(**bad))
+    with pytest.raises(ValueError, match="target_stride"):
+        EvalConfig(target_stride=0).validate()
+    # what the evaluation sweeps itself is refused in its ExplainConfig, naming it
+    for bad in (dict(layer=3), dict(scalar="norm"), dict(targets=[1, 2])):
+        with pytest.raises(ValueError, match=f"the evaluation sets {next(iter(bad))} itself"):
+            EvalConfig(explain=ExplainConfig(**bad)).validate()
 
 
 def test_cli_eval_fast_mode_flags_reach_the_config():
@@ -293,9 +300,12 @@ def test_cli_eval_fast_mode_flags_reach_the_config():
     base = ["eval", "--dataset", "voc_samples", "--root", "r", "--out", "o"]
     fast = config_from_args(build_parser().parse_args(base + ["--start-block", "3", "--compute-dtype", "bfloat16",
                                                               "--target-stride", "2"]))
-    assert (fast.start_block, fast.compute_dtype, fast.target_stride) == (3, "bfloat16", 2)
+    assert (fast.explain.start_block, fast.explain.compute_dtype, fast.target_stride) == (3, torch.bfloat16, 2)
+    assert fast.fast_modes == {"start_block": 3, "compute_dtype": "bfloat16", "target_stride": 2}
     exact = config_from_args(build_parser().parse_args(base))
-    assert exact == EvalConfig() and exact.fast_modes == {}
+    assert exact.fast_modes == {} and exact.explain.kwargs() == ExplainConfig().kwargs()
+    paper = config_from_args(build_parser().parse_args(base + ["--order", "paper"]))
+    assert paper.fast_modes == {"order": "paper"} and mode_of(paper.fast_modes)["name"] == "paper chain order"
 
 
 # ---------------------------------------------------------------------------------------------------------

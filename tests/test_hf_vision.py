@@ -11,9 +11,10 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from exactness import cubic, engine_vs_naive, learned_weights, mixed_targets, rel_err
 from PIL import Image
 
-from ultra_fast import create_model, explain, explain_naive, wrap
+from ultra_fast import create_model, explain, wrap
 from ultra_fast.errors import UnsupportedModelError
 from ultra_fast.models.hf_vision import HFVisionAdapter, reference_output
 from ultra_fast.models.preprocess import to_rgb
@@ -25,18 +26,6 @@ transformers = pytest.importorskip("transformers")
 
 HF_KEYS = list(zoo.HF_MODELS)
 SCALARS = ["sum", "energy", "norm", "learned", "callable"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    scale = b.abs().max().item()
-    assert scale > 0, "reference is all zero: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
-
-
-def cubic(z):
-    return (z[..., : z.shape[-1] // 2] ** 3).sum(-1)
 
 
 # ------------------------------------------------------------------------------- adapter = model
@@ -107,28 +96,19 @@ def test_engine_matches_naive_fp64(key, scalar):
     model, size = zoo.get_hf(key)
     x = zoo.images(size)
     if scalar == "learned":
-        adapter = wrap(model)
-        ph, pw = adapter.preprocessing.patch_size
-        n = adapter.num_prefix_tokens + (size[0] // ph) * (size[1] // pw)
-        kw = dict(scalar="learned", weights=torch.randn(n, adapter.embed_dim, dtype=torch.float64))
+        kw = dict(scalar="learned", weights=learned_weights(model, size))
     else:
         kw = dict(scalar=cubic if scalar == "callable" else scalar)
-    fast = explain(model, x, **kw)
-    assert fast.dtype == torch.float64
-    assert rel_err(fast, explain_naive(model, x, **kw)) <= 1e-9
+    assert engine_vs_naive(model, x, **kw) <= 1e-9
 
 
 @pytest.mark.parametrize("key", HF_KEYS)
 @pytest.mark.parametrize("order", ["rollout", "paper"])
 def test_orders_start_block_layer_and_prefix_targets(key, order):
     model, size = zoo.get_hf(key)
-    x = zoo.images(size)
-    P = wrap(model).num_prefix_tokens
-    targets = list(range(P)) + [P + 2, P, P + 1]  # every prefix token (none for SigLIP), patches out of order
-    kw = dict(order=order, start_block=2, layer=-2, targets=targets, scalar="energy")
-    fast = explain(model, x, **kw)
-    assert fast.shape[:2] == (2, len(targets))
-    assert rel_err(fast, explain_naive(model, x, **kw)) <= 1e-9
+    targets = mixed_targets(model, prefix="all")  # every prefix token (none for SigLIP)
+    assert engine_vs_naive(model, zoo.images(size), order=order, start_block=2, layer=-2, targets=targets,
+                           scalar="energy") <= 1e-9
 
 
 @pytest.mark.parametrize("key", HF_KEYS)

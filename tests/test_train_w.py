@@ -5,9 +5,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from exactness import rel_err
 from PIL import Image
 
-from ultra_fast import create_model, explain, explain_naive, wrap
+from ultra_fast import ExplainConfig, create_model, explain, explain_naive, wrap
 from ultra_fast.cli.main import main as cli_main
 from ultra_fast.training import (
     batch_seed,
@@ -28,13 +29,6 @@ from conftest import assets_dir
 TINY = "clip_b32"          # random timm ViT-B/32: 12 blocks, 1 prefix token, d = 768
 TINY_SIZE = (96, 128)      # a 3x4 patch grid
 TINY_ZETA = 0.1            # random weights give near-identical maps: a fine cut still yields several segments
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape and torch.isfinite(a).all() and torch.isfinite(b).all()
-    scale = b.abs().max().item()
-    assert scale > 0
-    return (a - b).abs().max().item() / scale
 
 
 def synthetic(k: int, h: int = 96, w: int = 128) -> Image.Image:
@@ -298,6 +292,22 @@ def test_train_w_refuses_bad_settings():
         train_w(model, ["nope.png"], progress=False)
     with pytest.raises(ValueError, match="at least one image"):
         train_w(model, [], progress=False)
+
+
+def test_explain_options_reach_the_segmentation_and_bind_the_checkpoint(tmp_path, explain_spy):
+    """``explain=ExplainConfig(...)`` is what every segmentation explanation runs with; options that change
+    the maps are recorded (only where not at their defaults) and a resume with others is refused."""
+    p = tmp_path / "w.pt"
+    paper = tiny_train(out=p, epochs=1, steps=1, explain=ExplainConfig(order="paper", start_block=2))
+    assert len(explain_spy) == 2 and all(kw["order"] == "paper" and kw["start_block"] == 2 and
+                                         kw["targets"] == "patches" and callable(kw["scalar"]) for kw in explain_spy)
+    assert (paper.settings["order"], paper.settings["start_block"]) == ("paper", 2)
+    assert "order" not in tiny_train(epochs=0).settings               # defaults: earlier checkpoints stay valid
+    with pytest.raises(ValueError, match=r"order: checkpoint 'paper', now None"):
+        tiny_train(out=p, epochs=1, steps=1)
+    for bad in (dict(scalar="norm"), dict(layer=3), dict(targets=[1])):
+        with pytest.raises(ValueError, match=f"train_w sets {next(iter(bad))} itself"):
+            tiny_train(explain=ExplainConfig(**bad))
 
 
 # ---------------------------------------------------------------- command line

@@ -138,12 +138,26 @@ __global__ void __launch_bounds__(kTileM* kRows)
 
 // ---------------------------------------------------------------------------------------
 
-void check_cuda_inputs(const char* op, const at::Tensor& G) {
+c10::Device check_cuda_inputs(const char* op, const at::Tensor& G) {
   TORCH_CHECK(G.is_cuda(), op, ": expected CUDA tensors; got G on ", G.device());
   const auto st = G.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
               op, ": the CUDA kernels support float32, float16, bfloat16 and float64; got ", st);
+  return G.device();
 }
+
+// The checked inputs of a (G, A) op: dimensions, a guard on G's device (members are initialised in
+// declaration order, so the guard is set before unit_last_stride may copy), unit-stride G and A.
+struct CudaGA {
+  Dims d;
+  c10::cuda::CUDAGuard guard;
+  at::Tensor G, A;
+  CudaGA(const char* op, const at::Tensor& G_, const at::Tensor& A_)
+      : d(check_GA(op, G_, A_)),
+        guard(check_cuda_inputs(op, G_)),
+        G(unit_last_stride(G_)),
+        A(unit_last_stride(A_)) {}
+};
 
 bool fits_int32(int64_t x) { return x >= 0 && x <= int64_t(0x7fffffff); }
 
@@ -199,23 +213,18 @@ void launch_contribution(const at::Tensor& G, const at::Tensor& A, const Dims& d
 }
 
 at::Tensor contribution_cuda(const at::Tensor& G_, const at::Tensor& A_) {
-  const char* op = "contribution";
-  const Dims d = check_GA(op, G_, A_);
-  check_cuda_inputs(op, G_);
-  const c10::cuda::CUDAGuard guard(G_.device());
-  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
-  at::Tensor out = at::empty({d.B, d.T, d.N, d.N}, G.options());
-  launch_contribution(G, A, d, out);
+  const CudaGA in("contribution", G_, A_);
+  at::Tensor out = at::empty({in.d.B, in.d.T, in.d.N, in.d.N}, in.G.options());
+  launch_contribution(in.G, in.A, in.d, out);
   return out;
 }
 
 at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at::Tensor& A_) {
   const char* op = "rollout_step";
-  const Dims d = check_GA(op, G_, A_);
+  const CudaGA in(op, G_, A_);
+  const Dims& d = in.d;
   check_v(op, v, G_, d);
-  check_cuda_inputs(op, G_);
-  const c10::cuda::CUDAGuard guard(G_.device());
-  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
+  const at::Tensor &G = in.G, &A = in.A;
   at::Tensor out = at::empty({d.B, d.T, d.N}, v.options());
   if (out.numel() == 0) return out;
   const int64_t m_tiles = (d.N + kTileM - 1) / kTileM;
@@ -247,20 +256,17 @@ at::Tensor rollout_step_cuda(const at::Tensor& v, const at::Tensor& G_, const at
 }
 
 at::Tensor paper_step_cuda(const at::Tensor& P, const at::Tensor& G_, const at::Tensor& A_) {
-  const char* op = "paper_step";
-  const Dims d = check_GA(op, G_, A_);
-  check_P(op, P, G_, d);
-  check_cuda_inputs(op, G_);
-  const c10::cuda::CUDAGuard guard(G_.device());
-  const at::Tensor G = unit_last_stride(G_), A = unit_last_stride(A_);
+  const CudaGA in("paper_step", G_, A_);
+  check_P("paper_step", P, G_, in.d);
+  const int64_t BT = in.d.B * in.d.T, N = in.d.N;
   // Head-fused contribution in the accumulation type, then one batched GEMM (cuBLAS, current
   // stream) in that type: out = P + C @ P, rounded to the input dtype once at the end.
-  const at::ScalarType acc_st = at::toAccumulateType(G.scalar_type(), /*is_cuda=*/true);
-  at::Tensor C = at::empty({d.B * d.T, d.N, d.N}, G.options().dtype(acc_st));
-  launch_contribution(G, A, d, C);
-  if (C.numel() == 0) return at::empty({d.B, d.T, d.N, d.N}, P.options());
-  const at::Tensor P3 = P.reshape({d.B * d.T, d.N, d.N}).to(acc_st);
-  return at::baddbmm(P3, C, P3).to(P.scalar_type()).view({d.B, d.T, d.N, d.N});
+  const at::ScalarType acc_st = at::toAccumulateType(in.G.scalar_type(), /*is_cuda=*/true);
+  at::Tensor C = at::empty({BT, N, N}, in.G.options().dtype(acc_st));
+  launch_contribution(in.G, in.A, in.d, C);
+  if (C.numel() == 0) return at::empty({in.d.B, in.d.T, N, N}, P.options());
+  const at::Tensor P3 = P.reshape({BT, N, N}).to(acc_st);
+  return at::baddbmm(P3, C, P3).to(P.scalar_type()).view({in.d.B, in.d.T, N, N});
 }
 
 }  // namespace

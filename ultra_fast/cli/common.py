@@ -12,6 +12,7 @@ from ..engine.config import ExplainConfig
 from ..engine.options import COMPUTE_DTYPE_CHOICES, FAST_STRIDE, ORDERS, fast_mode, resolve_compute_dtype
 from ..engine.scalars import SCALARS
 from ..errors import ConfigError
+from ..segmentation.cluster import LINKAGES, METRICS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,6 +22,14 @@ def add_image_source_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("image", nargs="?", help="an image file")
     src.add_argument("--demo-image", help="a photo bundled with scikit-image: astronaut, coffee, chelsea, ...")
+
+
+def one_image_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """The parser of a subcommand about one image (``explain``, ``tree``, ``explore``): its source and model."""
+    p = sub.add_parser(name, help=help)
+    add_image_source_args(p)
+    add_model_args(p)
+    return p
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,19 +44,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 
-def add_method_args(p: argparse.ArgumentParser, fast_modes: bool = False) -> None:
-    """The method's options; ``fast_modes``: also ``--compute-dtype`` and ``--target-stride`` (only for
-    subcommands that pass them on, so that no flag is silently ignored)."""
+def add_method_args(p: argparse.ArgumentParser, fast_modes: bool = False, size: int = 448) -> None:
+    """The method's options (``size``: the default of ``--size``); ``fast_modes``: also ``--compute-dtype``
+    and ``--target-stride`` (only for subcommands that pass them on, so that no flag is silently ignored)."""
     d = ExplainConfig()  # defaults and choices are the engine's, so the CLI cannot drift from explain()
     p.add_argument("--layer", type=int, default=d.layer, help="explain tokens after this block (default: last)")
     p.add_argument("--scalar", default=d.scalar, choices=[s for s in SCALARS if s != "learned"])
-    p.add_argument("--order", default=d.order, choices=list(ORDERS))
-    p.add_argument("--start-block", type=int, default=d.start_block,
-                   help="first block whose attention contributes (default: 1; later = faster, inexact)")
-    p.add_argument("--size", type=int, default=448, help="shorter image side fed to the model (default: %(default)s)")
-    p.add_argument("--backend", default=d.backend, choices=list(BACKENDS))
+    p.add_argument("--size", type=int, default=size, help="shorter image side fed to the model (default: %(default)s)")
+    add_chain_args(p)
     if fast_modes:
         add_fast_mode_args(p)
+
+
+def add_chain_args(p) -> None:
+    """``--order``, ``--start-block``, ``--backend``: how every map's chain is computed (``ExplainConfig``)."""
+    d = ExplainConfig()
+    p.add_argument("--order", default=d.order, choices=list(ORDERS), help="chain order (default: %(default)s)")
+    p.add_argument("--start-block", type=int, default=d.start_block,
+                   help="first block whose attention contributes (default: 1; later = faster, inexact)")
+    p.add_argument("--backend", default=d.backend, choices=list(BACKENDS), help="(default: %(default)s)")
+
+
+def add_clustering_args(p) -> None:
+    """``--metric`` and ``--linkage`` of the token clustering (``segmentation.cluster``)."""
+    p.add_argument("--metric", default="cosine", choices=METRICS, help="(default: %(default)s)")
+    p.add_argument("--linkage", default="average", choices=LINKAGES, help="(default: %(default)s)")
+
+
+def explain_config(args: argparse.Namespace, **options) -> ExplainConfig:
+    """The ``ExplainConfig`` of the chain flags (``add_chain_args``) and ``--compute-dtype``, plus ``options``."""
+    return ExplainConfig(order=args.order, start_block=args.start_block, backend=args.backend,
+                         compute_dtype=compute_dtype(args), **options)
 
 
 def add_fast_mode_args(p: argparse.ArgumentParser, stride: bool = True) -> None:

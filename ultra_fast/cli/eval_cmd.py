@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple, TypeVar, Union
 
 from ..errors import ConfigError
-from .common import add_fast_mode_args, add_model_args, load_model
+from .common import add_chain_args, add_fast_mode_args, add_model_args, explain_config, load_model
 
 T = TypeVar("T")
 
@@ -67,9 +67,9 @@ def add_parser(sub) -> None:
                    help="evaluate this slice of the samples sorted by name, e.g. 0:100")
     p.add_argument("--limit", type=int, default=None, help="at most this many images (after --images)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    fast = p.add_argument_group("fast modes (inexact; applied to every ULTra explanation, not to the baselines)")
-    fast.add_argument("--start-block", type=int, default=1,
-                      help="first block whose attention contributes (default: %(default)s)")
+    fast = p.add_argument_group("explanation options and fast modes (--start-block > 1, --compute-dtype, "
+                                "--target-stride: inexact) of every ULTra explanation, not of the baselines")
+    add_chain_args(fast)
     add_fast_mode_args(fast)  # with --target-stride, ITIoU and perturbation use each token's nearest explained map
     p.add_argument("--overwrite", action="store_true", help="discard a cache made with other settings")
     p.add_argument("--summarise-only", action="store_true",
@@ -142,8 +142,7 @@ def config_from_args(args: argparse.Namespace):
                       baselines=baselines,
                       taus=() if str(args.taus).strip().lower() == "none" else parse_list(args.taus, float, "--taus"),
                       perturbation=args.perturbation, perturb_k=args.perturb_k, weights=weights, seed=args.seed,
-                      start_block=args.start_block, compute_dtype=args.compute_dtype,
-                      target_stride=args.target_stride,
+                      explain=explain_config(args), target_stride=args.target_stride,
                       aggregations=parse_list(args.aggregation, str, "--aggregation"))
 
 

@@ -8,13 +8,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .common import add_image_source_args, add_method_args, add_model_args, compute_dtype, load_model, target_stride
+from .common import add_method_args, explain_config, load_model, one_image_parser, target_stride
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("explain", help="explanation maps of tokens of one image, as a PNG grid")
-    add_image_source_args(p)
-    add_model_args(p)
+    p = one_image_parser(sub, "explain", "explanation maps of tokens of one image, as a PNG grid")
     add_method_args(p, fast_modes=True)
     p.add_argument("--tokens", default=None,
                    help="patches to explain as 'row,col;row,col' (default: an even lattice of --num-tokens; "
@@ -46,7 +44,7 @@ def parse_tokens(text, grid):
 
 def run(args: argparse.Namespace) -> int:
     from ..demo_images import demo_image
-    from ..engine import explain
+    from ..engine import explain_with
     from ..io import save_image
     from ..models import load_images, preprocess
     from ..viz import token_grid
@@ -69,16 +67,15 @@ def run(args: argparse.Namespace) -> int:
     idx = [P + r * grid[1] + c for r, c in cells]
     sx, sy = image.width / x.shape[-1], image.height / x.shape[-2]
     box = lambda r, c: (c * pw * sx, r * ph * sy, (c + 1) * pw * sx, (r + 1) * ph * sy)  # noqa: E731
-    kw = dict(scalar=args.scalar, order=args.order, start_block=args.start_block, backend=args.backend,
-              compute_dtype=compute_dtype(args))
+    config = explain_config(args, scalar=args.scalar)
     t0 = time.perf_counter()
     if args.progression:
         layers = list(range(max(args.start_block, 1), adapter.num_blocks + 1))
-        maps = torch.cat([explain(adapter, x, layer=l, targets=idx[:1], **kw)[0] for l in layers])
+        maps = torch.cat([explain_with(adapter, x, config.replace(layer=l, targets=idx[:1]))[0] for l in layers])
         titles = [f"token {cells[0]} layer {l}" for l in layers]
         boxes = [box(*cells[0])] * len(layers)
     else:
-        maps = explain(adapter, x, layer=args.layer, targets=idx, **kw)[0]
+        maps = explain_with(adapter, x, config.replace(layer=args.layer, targets=idx))[0]
         titles = [f"token {rc}" for rc in cells]
         boxes = [box(*rc) for rc in cells]
     dt = time.perf_counter() - t0

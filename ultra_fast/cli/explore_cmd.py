@@ -6,29 +6,24 @@ import argparse
 import os
 import time
 
-from .common import add_fast_mode_args, add_image_source_args, add_model_args, compute_dtype, load_model
+from .common import add_chain_args, add_clustering_args, add_fast_mode_args, compute_dtype, load_model, one_image_parser
 
 DEFAULT_SIZE = 224
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("explore", help="interactive HTML page: hover any patch to see its map at every layer, "
-                                       "recut the segmentation at any threshold")
-    add_image_source_args(p)
-    add_model_args(p)
+    p = one_image_parser(sub, "explore", "interactive HTML page: hover any patch to see its map at every layer, "
+                                         "recut the segmentation at any threshold")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE,
                    help="shorter image side fed to the model (default: %(default)s)")
     p.add_argument("--layers", default="all",
                    help="layers to explain: 'all' (default; one explanation per layer), 'last', or e.g. '4,8,12' "
                         "or '6:12'")
     p.add_argument("--scalar", default="sum", choices=["sum", "energy", "norm"])
-    p.add_argument("--order", default="rollout", choices=["rollout", "paper"])
-    p.add_argument("--start-block", type=int, default=1)
+    add_chain_args(p)
     p.add_argument("--threshold", type=float, default=0.4, help="initial ζ of the page's segmentation (default: 0.4)")
-    p.add_argument("--metric", default="cosine")
-    p.add_argument("--linkage", default="average")
+    add_clustering_args(p)
     p.add_argument("--cmap", default="jet", help="matplotlib colour map of the overlays (default: %(default)s)")
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     add_fast_mode_args(p, stride=False)  # the page needs every token's map: no target stride
     p.add_argument("--title", default=None, help="page title (default: 'ULTra explorer: IMAGE')")
     p.add_argument("--out", default="ultra_fast_explore.html", help="HTML page to write (default: %(default)s)")

@@ -9,9 +9,8 @@ from pathlib import Path
 from .. import distributed, pipeline
 from ..data import list_inputs
 from ..errors import ConfigError
-from ..segmentation.cluster import LINKAGES, METRICS
 from ..segmentation.run import SegmentSettings
-from .common import add_method_args, add_model_args, load_model, target_stride
+from .common import add_clustering_args, add_method_args, add_model_args, load_model, target_stride
 
 DEFAULT_SIZE = 224
 
@@ -61,8 +60,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     cut.add_argument("--threshold", type=float, default=None,
                      help="cut the dendrogram at this distance (0 < threshold <= 2 for cosine; default: 0.4)")
     cut.add_argument("--n-clusters", type=int, default=None, help="cut into this many clusters instead")
-    p.add_argument("--metric", default="cosine", choices=METRICS)
-    p.add_argument("--linkage", default="average", choices=LINKAGES)
+    add_clustering_args(p)
     p.add_argument("--assign", default="argmax", choices=["argmax", "token"],
                    help="pixel rule: argmax of the cluster maps (paper) or the cluster of its patch's token")
     add_aggregation_arg(p)

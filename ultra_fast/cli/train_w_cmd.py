@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..errors import ConfigError
-from .common import add_model_args, load_model
+from .common import add_chain_args, add_fast_mode_args, add_model_args, explain_config, load_model
 
 EPILOG = """\
 The checkpoint (--out) is written atomically after every batch. Running the same command again resumes
@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--steps", type=int, default=10, help="Adam steps per batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)")
+    add_chain_args(p)
+    add_fast_mode_args(p, stride=False)  # W has one vector per patch: every patch is explained
     p.add_argument("--no-shuffle", action="store_true", help="keep the sorted order in every epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                      layer=args.layer, threshold=args.threshold, delta=args.delta, perturb=args.perturb,
                      batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, steps=args.steps,
                      seed=args.seed, out=args.out, progress=not args.no_progress, assign=args.assign,
-                     shuffle=not args.no_shuffle, model_name=args.model)
+                     shuffle=not args.no_shuffle, model_name=args.model, explain=explain_config(args))
     done = [h for h in result.history if not math.isnan(h["loss_before"])]
     trend = (f"loss {done[0]['loss_before']:.4g} -> {done[-1]['loss_after']:.4g}" if done
              else "no batch had two segments: W unchanged")

@@ -8,26 +8,19 @@ import time
 import numpy as np
 
 from ..errors import ConfigError
-from .common import add_fast_mode_args, add_image_source_args, add_method_args, add_model_args, load_model
+from .common import add_clustering_args, add_fast_mode_args, add_method_args, load_model, one_image_parser
 
 DEFAULT_SIZE = 168
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tree", help="dendrogram of one image's token clustering beside segmentations at "
-                                    "several thresholds (PNG)")
-    add_image_source_args(p)
-    add_model_args(p)
-    add_method_args(p)
+    p = one_image_parser(sub, "tree", "dendrogram of one image's token clustering beside segmentations at "
+                                      "several thresholds (PNG)")
+    add_method_args(p, size=DEFAULT_SIZE)
     add_fast_mode_args(p, stride=False)  # the dendrogram's leaves are all patch tokens
-    p.set_defaults(size=DEFAULT_SIZE)
-    for a in p._actions:
-        if a.dest == "size":
-            a.help = f"shorter image side fed to the model (default: {DEFAULT_SIZE})"
     p.add_argument("--thresholds", default="0.2,0.3,0.4,0.5",
                    help="comma-separated distance thresholds to cut at (default: %(default)s)")
-    p.add_argument("--metric", default="cosine")
-    p.add_argument("--linkage", default="average")
+    add_clustering_args(p)
     p.add_argument("--assign", default="argmax", choices=["argmax", "token"])
     p.add_argument("--color-threshold", type=float, default=None,
                    help="colour the dendrogram's clusters at this threshold (default: the middle one of --thresholds, "

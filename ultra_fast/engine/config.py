@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
@@ -24,6 +24,9 @@ from .targets import TARGET_NAMES, Targets
 
 #: How each block's batched VJP is computed (see ``explain``).
 BACKWARDS = ("auto", "manual", "autograd")
+#: Options that change the maps themselves (the rest choose how they are computed: backend, backward,
+#: memory budget, progress). A run that caches maps keys them by these, where not at their defaults.
+RESULT_OPTIONS = ("order", "start_block", "compute_dtype", "self_max")
 
 Weights = Union[None, torch.Tensor, str, os.PathLike]
 
@@ -109,9 +112,29 @@ class ExplainConfig:
         """``ExplainConfig(**kwargs)`` with a ``ConfigError`` naming unknown options (not a bare TypeError)."""
         return cls().replace(**kwargs) if kwargs else cls()
 
+    def changed(self, names: Iterable[str]) -> Dict[str, Any]:
+        """The options among ``names`` that differ from their defaults, JSON-ready (a dtype by its name)."""
+        default = ExplainConfig()
+        out: Dict[str, Any] = {}
+        for name in names:
+            value = getattr(self, name)
+            if value is not getattr(default, name) and value != getattr(default, name):
+                out[name] = str(value).replace("torch.", "") if isinstance(value, torch.dtype) else value
+        return out
+
+    def require_defaults(self, names: Iterable[str], owner: str) -> None:
+        """Refuse options that ``owner`` sets itself (e.g. the evaluation sweeps ``layer`` and ``scalar``)."""
+        default = ExplainConfig()
+        # identity first: a tensor (targets, weights) has no plain truth value for ``!=``
+        set_here = [n for n in names if getattr(self, n) is not getattr(default, n)
+                    and (isinstance(getattr(self, n), torch.Tensor) or getattr(self, n) != getattr(default, n))]
+        if set_here:
+            raise ConfigError(f"{owner} sets {', '.join(set_here)} itself; leave "
+                              f"{'it' if len(set_here) == 1 else 'them'} out of its ExplainConfig")
+
     def kwargs(self) -> Dict[str, Any]:
         """The options as keyword arguments of ``explain`` (e.g. to record or to forward them)."""
         return {name: getattr(self, name) for name in self.field_names()}
 
 
-__all__ = ["BACKWARDS", "ExplainConfig"]
+__all__ = ["BACKWARDS", "RESULT_OPTIONS", "ExplainConfig"]

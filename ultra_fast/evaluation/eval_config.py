@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from ..engine.options import parse_compute_dtype
+from ..engine.config import RESULT_OPTIONS, ExplainConfig
 from ..errors import ConfigError
 from ..segmentation.aggregation import AGGREGATIONS
 from ..segmentation.segment import ASSIGN_RULES
@@ -52,8 +52,11 @@ NOTES = {
             "nearest explained token, and ITIoU / perturbation use each token's nearest explained map",
 }
 
-#: The fast-mode fields of ``EvalConfig`` and their (exact) defaults: left out of the run key at these values.
+#: The fast modes (``EvalConfig.explain``'s start block and compute dtype, and the target stride) and their
+#: exact defaults: left out of the run key at these values (caches made before they existed stay valid).
 FAST_MODE_DEFAULTS = {"start_block": 1, "compute_dtype": None, "target_stride": 1}
+#: ``ExplainConfig`` options the evaluation sets itself, per scalar, layer and image.
+EVAL_SETS = ("layer", "scalar", "targets", "weights", "size", "interpolation")
 #: The paper's aggregation alone: the default, left out of the run key (earlier caches stay valid).
 DEFAULT_AGGREGATIONS = ("paper",)
 #: Spectral strategies also get a row with their own segment count (the eigengap rule).
@@ -68,9 +71,12 @@ class EvalConfig:
     ``layers`` as requested (negative from the end); ``weights``: a W checkpoint path, needed by (and
     only by) the scalar ``"learned"`` (W fixes the patch grid: give the (H, W) it was trained at).
 
-    Fast modes (inexact; defaults = exact): ``start_block`` (first block whose attention contributes),
-    ``compute_dtype`` (``"bfloat16"``: the batched backward in that dtype), ``target_stride`` (explain
-    every k-th patch along rows and columns only).
+    ``explain``: the options of every ULTra explanation in the run (``ExplainConfig``: order, start block,
+    compute dtype, backend, ...); the run sets layer, scalar, targets, weights and size itself. Fast modes
+    (inexact; defaults = exact): ``explain.start_block`` (first block whose attention contributes),
+    ``explain.compute_dtype`` (``"bfloat16"``: the batched backward in that dtype; ``"auto"`` is resolved
+    against the model in ``make_plan``), ``target_stride`` (explain every k-th patch along rows and columns
+    only).
     """
 
     size: Union[int, Tuple[int, int]] = 224
@@ -85,8 +91,7 @@ class EvalConfig:
     perturb_k: int = 10
     weights: Optional[str] = None
     seed: int = 0
-    start_block: int = 1
-    compute_dtype: Optional[str] = None
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     target_stride: int = 1
     aggregations: Tuple[str, ...] = DEFAULT_AGGREGATIONS
 
@@ -126,20 +131,24 @@ class EvalConfig:
             raise ConfigError(f"taus repeat: {list(self.taus)}")
         if not isinstance(self.perturb_k, int) or self.perturb_k < 1:
             raise ConfigError(f"perturb_k must be a positive int; got {self.perturb_k!r}")
-        for name in ("start_block", "target_stride"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int; got {value!r}")
+        if isinstance(self.target_stride, bool) or not isinstance(self.target_stride, int) or self.target_stride < 1:
+            raise ConfigError(f"target_stride must be a positive int; got {self.target_stride!r}")
+        if not isinstance(self.explain, ExplainConfig):
+            raise ConfigError(f"explain must be an ExplainConfig; got {type(self.explain).__name__}")
+        self.explain.require_defaults(EVAL_SETS, "the evaluation")
         if not self.aggregations or self.aggregations[0] != "paper" or len(set(self.aggregations)) != len(
                 self.aggregations) or any(a not in AGGREGATIONS for a in self.aggregations):
             raise ConfigError(f"aggregations must start with 'paper' (the others are cut to its segment counts) "
                               f"and name each of {list(AGGREGATIONS)} at most once; got {list(self.aggregations)}")
-        parse_compute_dtype(self.compute_dtype)
 
     @property
     def fast_modes(self) -> Dict[str, Any]:
-        """The fast-mode fields that differ from their exact defaults (empty: the exact mode)."""
-        return {k: getattr(self, k) for k, v in FAST_MODE_DEFAULTS.items() if getattr(self, k) != v}
+        """What makes the maps differ from the exact default (empty: the exact mode): the explanation's
+        result options that are not at their defaults, and the target stride where above 1."""
+        modes = self.explain.changed(RESULT_OPTIONS)
+        if self.target_stride != FAST_MODE_DEFAULTS["target_stride"]:
+            modes["target_stride"] = self.target_stride
+        return modes
 
     @property
     def primary_threshold(self) -> float:
@@ -177,6 +186,10 @@ def mode_of(key: Dict[str, Any]) -> Dict[str, Any]:
         parts.append(f"start block {mode['start_block']}")
     if mode["target_stride"] != 1:
         parts.append(f"target stride {mode['target_stride']}")
+    if key.get("order", "rollout") != "rollout":
+        parts.append(f"{key['order']} chain order")
+    if key.get("self_max", True) is not True:
+        parts.append("self_max off")
     mode["name"] = ", ".join(parts) if parts else "exact"
     return mode
 

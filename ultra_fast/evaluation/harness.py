@@ -32,8 +32,8 @@ Choices, documented here and in ``results.json`` (``notes``):
   foreground/background, only for datasets whose class 0 is "background" (VOC) and models with a CLS.
 - **Seeds**: each image's seed (k-means, perturbation tokens and noise) is derived from ``seed`` and the
   sample name, so a number never depends on which slice of the split a run covers.
-- **Fast modes** (``start_block``, ``compute_dtype``, ``target_stride``; exact by default) apply to every
-  ULTra explanation of the run, never to the baselines. With ``target_stride`` k > 1 only every k-th
+- **Fast modes** (``explain.start_block``, ``explain.compute_dtype``, ``target_stride``; exact by default;
+  ``explain`` is the run's ``ExplainConfig``) apply to every ULTra explanation of the run, never to the baselines. With ``target_stride`` k > 1 only every k-th
   patch is explained: segmentation clusters those maps (``segment_maps(token_positions=...)``), and ITIoU
   and the perturbation test score every token with the map of its nearest explained token (the fast
   mode's stand-in for the map it did not compute). At their defaults these fields are left out of the
@@ -41,6 +41,7 @@ Choices, documented here and in ``results.json`` (``notes``):
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -48,7 +49,7 @@ from typing import Any, Dict, Optional, Union
 from torch import nn
 
 from ..data.datasets import SegDataset
-from ..engine.options import resolve_layer
+from ..engine.options import resolve_compute_dtype, resolve_layer
 from ..errors import ConfigError
 from ..models import Adapter, wrap
 from .eval_config import EvalConfig, RunPlan, aggregation_key, maps_key, matched_key, mode_of, ultra_key
@@ -74,9 +75,12 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
     if len(layers) != len(config.layers):
         raise ConfigError(f"layers {list(config.layers)} name the same block twice (resolved: "
                           f"{[resolve_layer(int(l), adapter.num_blocks) for l in config.layers]})")
-    if config.start_block > min(layers):
-        raise ConfigError(f"start_block {config.start_block} lies after layer {min(layers)}: every explained layer "
-                          f"needs start_block <= layer")
+    if config.explain.start_block > min(layers):
+        raise ConfigError(f"start_block {config.explain.start_block} lies after layer {min(layers)}: every "
+                          f"explained layer needs start_block <= layer")
+    if config.explain.compute_dtype is not None:  # "auto" and a non-native half dtype are settled here, once
+        dtype = resolve_compute_dtype(config.explain.compute_dtype, adapter.device, adapter.dtype)
+        config = dataclasses.replace(config, explain=config.explain.replace(compute_dtype=dtype))
     info = {"name": dataset.name, "root": str(Path(dataset.root).resolve()), "split": dataset.split,
             "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
             "ignore_index": int(dataset.ignore_index)}

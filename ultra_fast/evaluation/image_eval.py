@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..data.datasets import Sample
+from ..engine import explain_with
+from ..engine.config import ExplainConfig
 from ..engine.options import eval_mode
 from ..io import atomic_write
 from ..models import Adapter
@@ -115,9 +117,9 @@ def maps_file(maps_cache: PathLike, plan: RunPlan, name: str, scalar: str, layer
 
 
 def explain_cached(adapter: Adapter, plan: RunPlan, name: str, x: torch.Tensor, scalar: str, layer: int,
-                   maps_cache: Optional[PathLike] = None, **fast) -> torch.Tensor:
-    """(n, h, w) maps of one preprocessed image; read from / written to ``maps_cache`` when given."""
-    from ..engine import explain
+                   config: ExplainConfig, maps_cache: Optional[PathLike] = None) -> torch.Tensor:
+    """(n, h, w) maps of one preprocessed image at (``scalar``, ``layer``) with the run's other options
+    (``config``); read from / written to ``maps_cache`` when given."""
     path = maps_file(maps_cache, plan, name, scalar, layer) if maps_cache is not None else None
     if path is not None and path.is_file():
         try:
@@ -125,8 +127,8 @@ def explain_cached(adapter: Adapter, plan: RunPlan, name: str, x: torch.Tensor, 
         except Exception as e:  # noqa: BLE001 - an unreadable file is recomputed
             warnings.warn(f"cached maps {path} are unreadable ({e}); recomputing them")
     c = plan.config
-    maps = explain(adapter, x, layer=layer, scalar=scalar, weights=c.weights if scalar == "learned" else None,
-                   **fast)[0].detach().cpu()
+    config = config.replace(layer=layer, scalar=scalar, weights=c.weights if scalar == "learned" else None)
+    maps = explain_with(adapter, x, config)[0].detach().cpu()
     if path is not None:
         atomic_write(path, lambda tmp: torch.save(maps.contiguous(), tmp))
     return maps
@@ -155,7 +157,7 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     patches = pixel_patches(label.shape, grid)
     seed = image_seed(c.seed, sample.name)
     targets, positions = strided_targets(grid, adapter.num_prefix_tokens, c.target_stride)
-    fast = dict(start_block=c.start_block, compute_dtype=c.compute_dtype, targets=targets)
+    config = c.explain.replace(targets=targets)
     clock.lap("forward")
 
     p_scalar, p_layer, p_threshold = plan.primary
@@ -166,7 +168,7 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     matched: Dict[Tuple[str, int, float], np.ndarray] = {}  # the paper's cluster ids per (scalar, layer, ζ)
     for scalar in c.scalars:
         for layer in plan.layers:
-            maps = explain_cached(adapter, plan, sample.name, x, scalar, layer, maps_cache, **fast)
+            maps = explain_cached(adapter, plan, sample.name, x, scalar, layer, config, maps_cache)
             clock.lap("explain")
             every = nearest_filled(maps, positions)
             values = itiou_image(every, label, tau=c.taus, ignore_index=ignore) if c.taus else {}

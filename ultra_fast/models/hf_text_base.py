@@ -24,9 +24,15 @@ def require_parts(base: nn.Module, parts, shape: str) -> None:
             raise UnsupportedModelError(f"{type(base).__name__} lacks '{part}': not a {shape} model")
 
 
-def missing_parts(obj, parts, prefix: str = "") -> List[str]:
-    """``prefix + name`` of each of ``parts`` that ``obj`` lacks (all of them when ``obj`` is None)."""
-    return [f"{prefix}{p}" for p in parts if not hasattr(obj, p)]
+def require_block_parts(blocks, parts, attention: str, attention_parts, what: str) -> None:
+    """Refuse a model one of whose ``blocks`` lacks one of ``parts`` or one of its ``attention`` module's
+    ``attention_parts``; the message names the block and every missing part (e.g. ``self_attn.q_proj``)."""
+    for i, block in enumerate(blocks):
+        attn = getattr(block, attention, None)
+        missing = [p for p in parts if not hasattr(block, p)]
+        missing += [f"{attention}.{p}" for p in attention_parts if not hasattr(attn, p)]
+        if missing:
+            raise UnsupportedModelError(f"{what} {i} ({type(block).__name__}) lacks {', '.join(missing)}")
 
 
 class HFTextAdapter(TokenAdapter):

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import InputError
 from .base import UnsupportedModelError
 from .hf_text_attention import attention_probs, rotate_half, softmax_dtype
-from .hf_text_base import HFTextAdapter, missing_parts, require_parts
+from .hf_text_base import HFTextAdapter, require_block_parts, require_parts
 
 #: RMSNorm classes whose formula the adapter computes itself (in max(dtype, float32), see hf_text_attention).
 PLAIN_RMS_NORMS = tuple(f"{p}RMSNorm" for p in ("Llama", "Mistral", "Qwen2", "Qwen3"))
@@ -23,12 +23,8 @@ class LlamaTextAdapter(HFTextAdapter):
         super().__init__(model)
         base = self.base
         require_parts(base, ("embed_tokens", "layers", "norm", "rotary_emb"), "Llama-shaped")
-        for i, layer in enumerate(base.layers):
-            missing = missing_parts(layer, ("input_layernorm", "post_attention_layernorm", "mlp"))
-            missing += missing_parts(getattr(layer, "self_attn", None),
-                                     ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"), "self_attn.")
-            if missing:
-                raise UnsupportedModelError(f"decoder layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}")
+        require_block_parts(base.layers, ("input_layernorm", "post_attention_layernorm", "mlp"), "self_attn",
+                            ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"), "decoder layer")
         cfg = self.config
         self.num_blocks = len(base.layers)
         self.head_dim = int(base.layers[0].self_attn.head_dim)
@@ -98,11 +94,8 @@ class GPT2TextAdapter(HFTextAdapter):
         super().__init__(model)
         base = self.base
         require_parts(base, ("wte", "wpe", "h", "ln_f"), "GPT-2-shaped")
-        for i, blk in enumerate(base.h):
-            missing = missing_parts(blk, ("ln_1", "attn", "ln_2", "mlp"))
-            missing += missing_parts(getattr(blk, "attn", None), ("c_attn", "c_proj", "split_size", "head_dim"), "attn.")
-            if missing:
-                raise UnsupportedModelError(f"GPT-2 block {i} lacks {', '.join(missing)}")
+        require_block_parts(base.h, ("ln_1", "attn", "ln_2", "mlp"), "attn",
+                            ("c_attn", "c_proj", "split_size", "head_dim"), "GPT-2 block")
         self.num_blocks = len(base.h)
 
     def embed(self, inputs) -> torch.Tensor:

@@ -16,10 +16,13 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..engine import explain_with
+from ..engine.config import ExplainConfig
 from ..engine.options import eval_mode, resolve_layer
 from ..engine.scalars import LearnedScalar
 from ..errors import ConfigError, InputError
 from ..models import Adapter
+from ..segmentation import segment_maps
 
 PERTURBATIONS = ("noise", "mask")
 #: Perturbed copies forwarded together; bounds memory, not the result.
@@ -88,12 +91,13 @@ def tokens_at(adapter: Adapter, images: torch.Tensor, layer: int) -> torch.Tenso
 
 
 def segment_with_w(adapter: Adapter, images: torch.Tensor, theta: torch.Tensor, layer: int,
-                   threshold: float = 0.4, assign: str = "token") -> np.ndarray:
-    """(B, H, W) int32 segment ids at the model-input resolution, from the ULTra_W maps of the current θ."""
-    from ..engine import explain
-    from ..segmentation import segment_maps
+                   threshold: float = 0.4, assign: str = "token",
+                   config: Optional[ExplainConfig] = None) -> np.ndarray:
+    """(B, H, W) int32 segment ids at the model-input resolution, from the ULTra_W maps of the current θ
+    (explained with ``config``'s other options; default: ``explain``'s)."""
     fn = LearnedScalar(theta.detach(), adapter.num_prefix_tokens)
-    maps = explain(adapter, images, layer=layer, scalar=fn, targets="patches")
+    config = (config or ExplainConfig()).replace(layer=layer, scalar=fn, targets="patches")
+    maps = explain_with(adapter, images, config)
     size = tuple(images.shape[-2:])
     return np.stack([segment_maps(m, size, threshold=threshold, assign=assign).labels for m in maps])
 

@@ -22,7 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.inputs import load_rgb
-from ..engine.options import resolve_layer
+from ..engine.config import RESULT_OPTIONS, ExplainConfig
+from ..engine.options import resolve_compute_dtype, resolve_layer
 from ..errors import ConfigError
 from ..models import Adapter, wrap
 from ..models.preprocess import target_size, to_rgb
@@ -33,7 +34,9 @@ from .self_consistency import PERTURBATIONS, consistency_pairs, directions, segm
 ImageSource = Union[Image.Image, str, os.PathLike]
 #: Settings a resumed run must share with its checkpoint (``epochs`` may grow: it only says where to stop).
 _RESUME_KEYS = ("model", "adapter", "dtype", "size", "layer", "threshold", "assign", "delta", "perturb",
-                "batch_size", "lr", "steps", "seed", "shuffle", "images", "image_digest")
+                "batch_size", "lr", "steps", "seed", "shuffle", "images", "image_digest", *RESULT_OPTIONS)
+#: ``ExplainConfig`` options the training sets itself (the segmentation explains every patch with W).
+TRAIN_SETS = ("layer", "scalar", "targets", "weights", "size", "interpolation")
 
 
 @dataclass
@@ -151,7 +154,7 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
             batch_size: int = 8, epochs: int = 1, lr: float = 0.01, steps: int = 10, seed: int = 0,
             out: Optional[Union[str, os.PathLike]] = None, progress: bool = True, assign: str = "token",
             shuffle: bool = True, names: Optional[Sequence[str]] = None,
-            model_name: Optional[str] = None) -> TrainResult:
+            model_name: Optional[str] = None, explain: Optional[ExplainConfig] = None) -> TrainResult:
     """Learn Θ (one vector per patch position, w_i = θ_i/||θ_i||) with the self-consistency loss.
 
     Args:
@@ -168,9 +171,19 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
             resumed (``epochs`` may be raised to train on), one with other settings is refused.
         names: image names for the checkpoint (default: the paths, or ``image_<k>``).
         model_name: the ``create_model`` name to record (default: ``created_name(adapter)``).
+        explain: the options of the segmentation's explanations (``ExplainConfig``: order, start block,
+            compute dtype, backend, ...); the training sets layer, scalar, targets and weights itself.
+            Options that change the maps are recorded in the settings where not at their defaults.
     """
     _check_args(threshold, delta, perturb, batch_size, epochs, lr, steps, seed, assign)
+    config = explain if explain is not None else ExplainConfig()
+    if not isinstance(config, ExplainConfig):
+        raise ConfigError(f"explain must be an ExplainConfig; got {type(config).__name__}")
+    config.require_defaults(TRAIN_SETS, "train_w")
     adapter = wrap(model)
+    if config.compute_dtype is not None:  # "auto" and a non-native half dtype are settled before any work
+        config = config.replace(compute_dtype=resolve_compute_dtype(config.compute_dtype, adapter.device,
+                                                                    adapter.dtype))
     if not images:
         raise ConfigError("train_w needs at least one image")
     images = list(images)
@@ -183,7 +196,8 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
                     dtype=str(adapter.dtype).replace("torch.", ""),
                     size=[H, W], layer=l, threshold=float(threshold), assign=assign, delta=float(delta),
                     perturb=perturb, batch_size=batch_size, lr=float(lr), steps=steps, seed=seed,
-                    shuffle=bool(shuffle), images=names, image_digest=digest, epochs=epochs)
+                    shuffle=bool(shuffle), images=names, image_digest=digest, epochs=epochs,
+                    **config.changed(RESULT_OPTIONS))
 
     theta = torch.ones(grid[0] * grid[1], adapter.embed_dim, dtype=torch.float64)
     param = torch.nn.Parameter(theta)
@@ -222,7 +236,7 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
         for b in range(start[1] if epoch == start[0] else 0, n_batches):
             chosen = order[b * batch_size:(b + 1) * batch_size]
             x = torch.cat([adapter.preprocess(_open(images[k]), size=(H, W)) for k in chosen])
-            labels = segment_with_w(adapter, x, param.detach(), l, threshold, assign)
+            labels = segment_with_w(adapter, x, param.detach(), l, threshold, assign, config)
             gen = torch.Generator().manual_seed(batch_seed(seed, 1, epoch, b))
             pairs = consistency_pairs(adapter, x, labels, l, delta, perturb, gen)
             record = dict(epoch=epoch, batch=b, images=[names[k] for k in chosen], segments=pairs.num_segments,
