@@ -6,7 +6,13 @@ import torch
 
 from ultra_fast.errors import InputError
 from ultra_fast.segmentation import AGGREGATIONS, segment_maps, token_partition
-from ultra_fast.segmentation.aggregation import SpectralCut, aggregate, parse_aggregation
+from ultra_fast.segmentation.aggregation import (
+    RefinedCut,
+    SpectralCut,
+    aggregate,
+    parse_aggregation,
+    propagated_features,
+)
 from ultra_fast.segmentation.artifacts import artefact_tokens, fill_from_nearest, neutralise_columns
 
 H, W = 6, 6
@@ -47,6 +53,46 @@ def test_spectral_eigengap_finds_the_two_blocks(name):
     assert part.linkage.shape == (0, 4)
 
 
+class _FixedCut:
+    """A stand-in for ``TokenClustering``: its cut is given (to start the refinement from a known state)."""
+
+    def __init__(self, ids):
+        self.ids = np.asarray(ids, dtype=np.int64)
+
+    def cut(self, threshold=0.4, n_clusters=None):
+        return self.ids.copy()
+
+
+def test_refined_moves_a_misplaced_token_to_the_nearest_cluster_mean():
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.normal([0, 0], 0.1, (10, 2)), rng.normal([5, 5], 0.1, (10, 2))])
+    start = np.r_[np.zeros(10), np.ones(10)].astype(np.int64)
+    start[3] = 1                                     # the paper's cut put token 3 with the other block
+    ids = RefinedCut(rows, _FixedCut(start)).cut(0.4)
+    assert ids.tolist() == [0] * 10 + [1] * 10       # back with its block; ids keep the start's order
+    assert RefinedCut(rows, _FixedCut(np.zeros(20, np.int64))).cut().tolist() == [0] * 20  # one cluster stays
+
+
+def test_refined_and_propagated_keep_the_papers_count_at_every_threshold():
+    maps, feats = _two_blocks(3)
+    paper = token_partition(maps, aggregation="paper")
+    for name in ("refined", "propagated"):
+        part = token_partition(maps, aggregation=name, features=feats)
+        np.testing.assert_array_equal(part.linkage, paper.linkage)   # the same dendrogram starts it
+        for z in (0.05, 0.2, 0.4, 0.8):
+            assert part.cut(z).max() == paper.cut(z).max()
+
+
+def test_propagated_features_hand_case():
+    feats = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    maps = np.array([[0.0, 1.0, 0.0],                # token 0 draws only on token 1
+                     [1.0, 0.0, 1.0],                # token 1 on tokens 0 and 2 equally
+                     [0.0, 0.0, 0.0]])               # token 2 on nothing: uniform weights
+    out = propagated_features(maps, np.arange(3), feats)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(out, [unit[1], (unit[0] + unit[2]) / 2, unit.mean(0)], atol=1e-12)
+
+
 def _with_artefact(seed=2):
     """Two blocks, and one token inside the left block that behaves like a register-less ViT's artefact:
     a huge feature norm, a map that points at the right block (the 'object') from where it lies, and a
@@ -62,7 +108,7 @@ def _with_artefact(seed=2):
     return R.reshape(H * W, H, W), feats, a
 
 
-@pytest.mark.parametrize("base", ["paper", "spectral", "joint"])
+@pytest.mark.parametrize("base", ["paper", "spectral", "joint", "refined", "propagated"])
 def test_an_artefact_token_is_neutralised(base):
     maps, feats, a = _with_artefact()
     plain = token_partition(maps, aggregation=base, features=feats).cut(n_clusters=2)

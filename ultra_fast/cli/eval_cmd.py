@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Callable, Optional, Tuple, TypeVar, Union
+from typing import Callable, Optional, Tuple, TypeVar, Union, cast
 
 from ..errors import ConfigError
 from .common import add_chain_args, add_fast_mode_args, add_model_args, explain_config, load_model
@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--aggregation", default="paper", metavar="NAMES",
                    help="aggregation strategies, comma list starting with paper (the paper's clustering); the others "
                         "are cut to its segment counts and compared with feature k-means / spectral at those counts: "
-                        "paper, spectral, joint, and each +clean (artefact tokens neutralised) (default: %(default)s)")
+                        "paper, spectral, joint, refined, propagated, and each +clean (artefact tokens neutralised) "
+                        "(default: %(default)s)")
     p.add_argument("--maps-cache", default=None, metavar="DIR",
                    help="keep every image's maps in DIR and reuse them: runs differing only in how maps are "
                         "segmented or scored (zeta, rules, aggregations) explain each image once")
@@ -132,7 +133,8 @@ def config_from_args(args: argparse.Namespace):
         weights = str(Path(args.weights).resolve())
         scalars += ("learned",)
         if args.size is None:
-            size = tuple(load_w(weights).size)  # W fixes the patch grid: default to its input size
+            # W fixes the patch grid: default to its input size
+            size = cast(Tuple[int, int], tuple(load_w(weights).size))
     baselines = () if str(args.baselines).strip().lower() == "none" else parse_list(args.baselines, str,
                                                                                      "--baselines")
     protocols = ("per-image", "dataset") if args.protocol == "both" else (args.protocol,)

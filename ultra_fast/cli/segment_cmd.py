@@ -71,9 +71,10 @@ def add_aggregation_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregation", default="paper", choices=AGGREGATIONS,
                    help="how the token maps become segments: paper (the paper's hierarchical clustering, cut at "
                         "--threshold), spectral (normalised cut of the token-to-token relevance), joint (the same "
-                        "on relevance and feature similarity); +clean neutralises high-norm artefact tokens "
-                        "first. The spectral ones take --n-clusters or pick the count by the eigengap "
-                        "(default: %(default)s)")
+                        "on relevance and feature similarity), refined (the paper's clusters refined by k-means "
+                        "on the maps), propagated (the same on features averaged along the maps); +clean "
+                        "neutralises high-norm artefact tokens first. spectral and joint take --n-clusters or "
+                        "pick the count by the eigengap; the others cut at --threshold (default: %(default)s)")
 
 
 def settings_from_args(args):

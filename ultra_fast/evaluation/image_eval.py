@@ -20,7 +20,7 @@ from ..engine.options import eval_mode
 from ..io import atomic_write
 from ..models import Adapter
 from ..segmentation import segment_maps
-from ..segmentation.aggregation import needs_features
+from ..segmentation.aggregation import has_own_count, needs_features
 from ..segmentation.segment import grid_positions, nearest_token, strided_targets, token_partition
 from .baselines import cls_rollout_map, feature_spectral, foreground_mask, kmeans_token_clusters, upsample_nearest
 from .eval_config import (
@@ -188,7 +188,7 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
                 other = token_partition(maps, token_positions=positions, aggregation=name,
                                         features=sub_feats if needs_features(name) else None, seed=seed)
                 cuts = [(z, int(matched[(scalar, layer, float(z))].max()) + 1) for z in c.thresholds]
-                if not name.startswith("paper"):
+                if has_own_count(name):
                     cuts.append((AUTO, None))
                 for z, k in cuts:
                     for assign in c.assigns:

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Tuple, Union
 import numpy as np
 
 from ..errors import ConfigError
+from ..segmentation.aggregation import has_own_count
 from .eval_config import (
     AUTO,
     CLS_ROLLOUT,
@@ -121,7 +122,7 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
     base = {b: new_scores() for b in base_names}
     aggregations = key.get("aggregations", list(DEFAULT_AGGREGATIONS))
     aggs = {(g, s, l, a, z): new_scores() for g in aggregations[1:] for s in key["scalars"] for l in key["layers"]
-            for z in [float(z) for z in key["thresholds"]] + ([] if g.startswith("paper") else [AUTO])
+            for z in [float(z) for z in key["thresholds"]] + ([AUTO] if has_own_count(g) else [])
             for a in key["assigns"]}
     matched = {}
     if "kmeans" in key["baselines"] and len(aggregations) > 1:
@@ -147,8 +148,8 @@ def summarise(out: PathLike, write: bool = True) -> Dict[str, Any]:
             sc.update(rec["ultra"][ultra_key(s, l, a, z)])
         for b, sc in base.items():
             sc.update(rec["baselines"][b])
-        for (g, s, l, a, z), sc in aggs.items():
-            sc.update(rec["ultra"][aggregation_key(g, s, l, a, z)])
+        for (g, s, l, a, zeta), sc in aggs.items():  # zeta: a threshold or AUTO
+            sc.update(rec["ultra"][aggregation_key(g, s, l, a, zeta)])
         for (b, s, l, z), sc in matched.items():
             sc.update(rec["baselines"][matched_key(b, s, l, z)])
         for (s, l), acc in itiou.items():

@@ -19,13 +19,23 @@ clusters' summed maps, or the token rule). Strategies (``AGGREGATIONS``):
   (Melas-Kyriazi et al. 2022). The maps say what a token draws on, the features what it is; β
   (``JOINT_BETA``) is one number for every image and dataset, chosen on the VOC samples (see README).
   β = 1 is feature spectral clustering (the evaluation's baseline), β = 0 is ``spectral``.
+- ``refined``: the paper's clustering, then k-means (Lloyd, scikit-learn) on the same rows (the min-max
+  scaled maps, L2-normalised so that Euclidean k-means follows the cosine metric) started from the
+  paper's clusters' centroids, with the paper's count (at ζ, or ``n_clusters``). Average linkage keeps
+  a token in the cluster it joined early even when its map is closer to another cluster's mean; a few
+  Lloyd steps move it. Deterministic: the start is the paper's cut, not a random draw.
+- ``propagated``: the same refinement on the tokens' features averaged along their maps:
+  F' = R̃ F with R̃ the row-normalised relevance matrix (row i: token i's map at the explained
+  patches, summing to 1), F the L2-normalised (last-layer) features. A token is then described by
+  what the tokens it draws on are, a smoothing that follows the model's own relevance rather than the
+  image grid.
 - ``<strategy>+clean`` (any of the above): artefact tokens (``artifacts.artefact_tokens``: outliers of
   the feature norm) are neutralised first: their columns in every map are replaced by their neighbours'
   (``neutralise_columns``), the others are clustered without them, and each takes the cluster of its
   nearest ordinary token (``fill_from_nearest``); their maps are left out of the clusters' sums.
 
 Strategies other than ``paper`` with ``+clean`` need features (``n x D`` tokens of the explained
-patches); ``joint`` always does.
+patches); ``joint`` and ``propagated`` always do.
 """
 from __future__ import annotations
 
@@ -39,7 +49,11 @@ from ..errors import ConfigError, InputError
 from .artifacts import artefact_mask_for, fill_from_nearest, neutralise_columns
 from .cluster import TokenClustering, min_max
 
-BASES = ("paper", "spectral", "joint")
+BASES = ("paper", "spectral", "joint", "refined", "propagated")
+#: The strategies that read the tokens' features (besides ``+clean``, which reads their norms).
+FEATURE_BASES = ("joint", "propagated")
+#: The strategies with a segment-count rule of their own (the eigengap); the others cut at ζ.
+SPECTRAL_BASES = ("spectral", "joint")
 CLEAN_SUFFIX = "+clean"
 AGGREGATIONS = BASES + tuple(b + CLEAN_SUFFIX for b in BASES)
 #: The weight of the feature affinity in ``joint``, one value for every image (chosen on VOC samples).
@@ -56,10 +70,15 @@ def parse_aggregation(name: str) -> Tuple[str, bool]:
     return (name[:-len(CLEAN_SUFFIX)] if clean else name), clean
 
 
+def has_own_count(name: str) -> bool:
+    """Whether ``name`` chooses its number of segments itself (the eigengap of the spectral strategies)."""
+    return parse_aggregation(name)[0] in SPECTRAL_BASES
+
+
 def needs_features(name: str) -> bool:
-    """Whether ``name`` reads token features (``joint``, or any ``+clean`` for the norms)."""
+    """Whether ``name`` reads token features (``joint``, ``propagated``, or any ``+clean`` for the norms)."""
     base, clean = parse_aggregation(name)
-    return clean or base == "joint"
+    return clean or base in FEATURE_BASES
 
 
 @dataclass
@@ -68,7 +87,8 @@ class Partition:
 
     maps: (n, h*w) the min-max scaled maps the pixel rules sum (artefact columns neutralised with +clean).
     summed: (n,) bool, the rows that enter the clusters' sums (all but artefact tokens).
-    linkage: the dendrogram for ``paper`` (scipy format), else an empty (0, 4) array.
+    linkage: the paper's dendrogram (scipy format) for the hierarchical strategies (``paper``, ``refined``,
+    ``propagated``), else an empty (0, 4) array.
     """
 
     maps: np.ndarray
@@ -154,6 +174,40 @@ class SpectralCut:
         return ids.astype(np.int64)
 
 
+class RefinedCut:
+    """The paper's cut (``TokenClustering``) refined by k-means on ``rows``, started at its clusters' means."""
+
+    def __init__(self, rows: np.ndarray, clustering: TokenClustering) -> None:
+        self.rows, self.clustering = np.asarray(rows, dtype=np.float64), clustering
+
+    def cut(self, threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None) -> np.ndarray:
+        """(n,) int64 ids 0..K-1, K = the paper's count at ``threshold`` (or ``n_clusters``)."""
+        from sklearn.cluster import KMeans
+        start = self.clustering.cut(threshold, n_clusters)
+        k = int(start.max()) + 1 if start.size else 0
+        if k < 2 or k >= len(self.rows):
+            return start
+        centres = np.stack([self.rows[start == c].mean(axis=0) for c in range(k)])
+        ids = KMeans(n_clusters=k, init=centres, n_init=1).fit_predict(self.rows)
+        _, ids = np.unique(ids, return_inverse=True)  # dense 0..K-1 (a cluster may empty out)
+        return ids.astype(np.int64)
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (a zero row stays zero)."""
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def propagated_features(maps: np.ndarray, positions: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """(n, D) F' = R̃ F: each token's L2-normalised features averaged with its (min-max scaled) map at the
+    explained patches as weights (rows of R̃ sum to 1; an all-zero row falls back to uniform weights)."""
+    R = np.asarray(maps, dtype=np.float64)[:, positions]
+    total = R.sum(axis=1, keepdims=True)
+    R = np.where(total > 0, R / np.where(total > 0, total, 1.0), 1.0 / R.shape[1])
+    return R @ unit_rows(features)
+
+
 def relevance_affinity(maps: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(n, n) symmetric relevance: A[i, j] = (R[i, j] + R[j, i]) / 2, R[i, j] = token i's min-max scaled
     map at token j's patch."""
@@ -199,9 +253,13 @@ def aggregate(flat: np.ndarray, grid: Tuple[int, int], name: str = "paper",
     if not kept.all():
         maps = min_max(neutralise_columns(flat, pos[~kept], grid))
     sub, sub_pos = maps[kept], pos[kept]
-    if base == "paper":
+    if base in ("paper", "refined", "propagated"):
         clustering = TokenClustering(min_max(sub), metric, method)
         cut_kept, Z = clustering.cut, clustering.Z
+        if base == "refined":
+            cut_kept = RefinedCut(unit_rows(min_max(sub)), clustering).cut
+        elif base == "propagated":
+            cut_kept = RefinedCut(unit_rows(propagated_features(sub, sub_pos, features[kept])), clustering).cut
     else:
         A = relevance_affinity(sub, sub_pos)
         if base == "joint":

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import explain_with
 from ..engine.config import ExplainConfig
 from ..engine.targets import stride_targets
 from ..errors import ConfigError, InputError
+from ..models import wrap
 from .aggregation import AGGREGATIONS, Partition, aggregate, last_layer_tokens, needs_features
 from .cluster import min_max
 
@@ -115,7 +117,7 @@ def nearest_token(positions: np.ndarray, grid: Tuple[int, int], size: Tuple[int,
 
 def token_partition(maps: torch.Tensor, metric: str = "cosine", method: str = "average",
                     token_positions: Optional[Positions] = None, aggregation: str = "paper",
-                    features: Optional[np.ndarray] = None, seed: int = 0) -> Partition:
+                    features: Optional[Union[np.ndarray, torch.Tensor]] = None, seed: int = 0) -> Partition:
     """One image's ``Partition`` of its (n, h, w) maps (``aggregation.aggregate``), computed once: pass it
     to ``segment_maps(partition=...)`` for every cut and pixel rule of a sweep."""
     n, h, w = _check_maps(maps, token_positions)
@@ -152,8 +154,9 @@ def segment_maps(maps: torch.Tensor, size: Tuple[int, int], threshold: Optional[
     order; ``maps`` is then (n_sub, h, w) and the clustering runs on those maps only.
 
     ``aggregation`` (``aggregation.AGGREGATIONS``): how tokens are grouped; ``"paper"`` (default) is the
-    paper's hierarchical clustering cut at ζ = ``threshold``; the spectral strategies take
-    ``n_clusters`` or pick the count by the eigengap. ``features``: (n, D) the explained tokens'
+    paper's hierarchical clustering cut at ζ = ``threshold`` (``refined`` and ``propagated`` refine that
+    cut by k-means, at the same count); the spectral strategies take ``n_clusters`` or pick the count by
+    the eigengap. ``features``: (n, D) the explained tokens'
     features, for the strategies that read them. ``partition``: the image's ``token_partition``,
     computed once for a sweep of cuts (then ``aggregation``/``features``/``metric``/``method`` are its).
 
@@ -214,8 +217,6 @@ def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int
     ``explain_kwargs`` (layer, scalar, order, start_block, compute_dtype, ...) applied on top; validated
     before any work.
     """
-    from ..engine import explain_with  # looked up at call time, so that tests can spy on the engine
-    from ..models import wrap
     config = (config or ExplainConfig()).replace(**explain_kwargs)
     if not (isinstance(config.targets, str) and config.targets == "patches"):
         raise ConfigError("segmentation explains patch tokens itself (targets='patches'; see target_stride)")
@@ -225,7 +226,7 @@ def segment(model, images: torch.Tensor, sizes: Optional[Sequence[Tuple[int, int
     targets, positions = strided_targets(adapter.grid_size(images), adapter.num_prefix_tokens, target_stride)
     maps = explain_with(adapter, images, config.replace(targets=targets))
     if sizes is None:
-        sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        sizes = [cast(Tuple[int, int], tuple(images.shape[-2:]))] * images.shape[0]  # (H, W) of 4-D images
     if len(sizes) != images.shape[0]:
         raise InputError(f"{len(sizes)} sizes for {images.shape[0]} images")
     feats: List[Optional[np.ndarray]] = [None] * images.shape[0]
