@@ -1,11 +1,21 @@
 """Small pieces the adapters share."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
+from torch import nn
 
 from ..errors import InputError
+
+
+def dynamic(module: nn.Module) -> Any:
+    """``module`` typed as ``Any``, to read the sub-modules and attributes a third-party model defines.
+
+    timm / transformers / open_clip modules resolve them at runtime (``nn.Module.__getattr__``), which the
+    type checker sees as ``Tensor | Module``; this is the one place the adapters say so. No runtime effect.
+    """
+    return module
 
 
 def patch_grid(images: torch.Tensor, patch_size: Tuple[int, int], name: str) -> Tuple[int, int]:

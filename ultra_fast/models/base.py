@@ -163,6 +163,7 @@ def explicit_attention(
     qkv = nn.functional.linear(x, qkv_weight, qkv_bias)
     q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
+        assert k_norm is not None, "q_norm and k_norm are given together"
         q, k = q_norm(q), k_norm(k)
     scores = (q * scale) @ k.transpose(-2, -1)
     if attn_mask is not None:

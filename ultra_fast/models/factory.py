@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ._common import dynamic
 from .base import Adapter
 from .registry import wrap
 
@@ -56,7 +57,7 @@ def create_model(name: str, pretrained: bool = True, checkpoint: Optional[str] =
         from .hf_vision_loading import load_hf_vision
         model, image_processor = load_hf_vision(name[len(HF_PREFIX):], pretrained=bool(pretrained)
                                                 and checkpoint is None, **kwargs)
-        model.ultra_fast_name = name
+        dynamic(model).ultra_fast_name = name
     elif name.startswith(OPEN_CLIP_PREFIX):
         import open_clip
         arch = name[len(OPEN_CLIP_PREFIX):]

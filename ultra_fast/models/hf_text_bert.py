@@ -4,10 +4,12 @@ post-LayerNorm blocks ``x1 = LN(x + attn(x))``, ``x2 = LN(x1 + mlp(x1))`` throug
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
+from ._common import dynamic
 from .base import UnsupportedModelError
 from .hf_text_attention import attention_probs
 from .hf_text_base import HFTextAdapter
@@ -18,7 +20,7 @@ class BertTextAdapter(HFTextAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        base = self.base
+        base = dynamic(self.base)
         if not (hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer")):
             raise UnsupportedModelError(f"{type(base).__name__} lacks embeddings / encoder.layer: not BERT-shaped")
         pet = getattr(self.config, "position_embedding_type", "absolute")
@@ -38,14 +40,14 @@ class BertTextAdapter(HFTextAdapter):
 
     def embed(self, inputs) -> torch.Tensor:
         ids = self.input_ids(inputs)
-        kw = {}
+        kw: Dict[str, torch.Tensor] = {}
         if isinstance(inputs, Mapping) and inputs.get("token_type_ids") is not None:
             tt = torch.as_tensor(inputs["token_type_ids"])
             kw["token_type_ids"] = (tt.unsqueeze(0) if tt.dim() == 1 else tt).to(ids.device)
-        return self.base.embeddings(input_ids=ids, **kw)
+        return dynamic(self.base).embeddings(input_ids=ids, **kw)
 
-    def block(self, index: int, x: torch.Tensor):
-        layer = self.base.encoder.layer[index]
+    def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        layer = dynamic(self.base).encoder.layer[index]
         sa = layer.attention.self
         B, N, _ = x.shape
         q, k, v = (m(x).view(B, N, -1, self.head_dim).transpose(1, 2) for m in (sa.query, sa.key, sa.value))

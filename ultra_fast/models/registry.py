@@ -17,7 +17,7 @@ adding a Hugging Face family is one ``hf_entry(HFVisionLayout(...))`` plus tests
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple, TypedDict
 
 from torch import nn
 
@@ -30,6 +30,7 @@ from .hf_vision import (
     OPENAI_CLIP_STD,
     HFVisionAdapter,
     HFVisionLayout,
+    Path,
     matches,
     prefix_cls,
     prefix_cls_distillation,
@@ -61,15 +62,40 @@ def hf_entry(layout: HFVisionLayout) -> AdapterEntry:
         layout=layout)
 
 
+class _CLIPParts(TypedDict):
+    """``HFVisionLayout`` fields a group of families shares, passed as ``**kwargs``: CLIP and SigLIP."""
+
+    layers: Path
+    norm1: Path
+    norm2: Path
+    attention: Path
+    o: Path
+
+
+class _ViTParts(_CLIPParts):
+    """ViT and DeiT: the same fields plus the final norm."""
+
+    final_norm: Path
+
+
+class _DINOv2Parts(_ViTParts):
+    """DINOv2 with and without registers: plus the layer scales and the normalisation."""
+
+    ls1: Path
+    ls2: Path
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
 # Hugging Face layouts for the installed transformers (5.x: ``q_proj``/``o_proj`` names); the
 # tuples list the 4.x names as alternatives.
-_VIT_LIKE = dict(layers=("layers", "encoder.layer"), norm1="layernorm_before", norm2="layernorm_after",
-                 attention="attention", o=("o_proj", "output.dense"), final_norm="layernorm")
-_DINOV2_LIKE = dict(layers="encoder.layer", norm1="norm1", norm2="norm2", attention="attention",
-                    o=("o_proj", "output.dense"), ls1="layer_scale1", ls2="layer_scale2", final_norm="layernorm",
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
-_CLIP_LIKE = dict(layers="encoder.layers", norm1="layer_norm1", norm2="layer_norm2", attention="self_attn",
-                  o="out_proj")
+_VIT_LIKE: _ViTParts = dict(layers=("layers", "encoder.layer"), norm1="layernorm_before", norm2="layernorm_after",
+                            attention="attention", o=("o_proj", "output.dense"), final_norm="layernorm")
+_DINOV2_LIKE: _DINOv2Parts = dict(layers="encoder.layer", norm1="norm1", norm2="norm2", attention="attention",
+                                  o=("o_proj", "output.dense"), ls1="layer_scale1", ls2="layer_scale2",
+                                  final_norm="layernorm", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+_CLIP_LIKE: _CLIPParts = dict(layers="encoder.layers", norm1="layer_norm1", norm2="layer_norm2", attention="self_attn",
+                              o="out_proj")
 
 HF_LAYOUTS = (
     HFVisionLayout(family="hf-vit", classes=("ViTModel",), num_prefix_tokens=prefix_cls, mean=HALF, std=HALF,

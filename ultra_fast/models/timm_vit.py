@@ -1,12 +1,12 @@
 """Adapter for timm ``VisionTransformer`` models: CLIP, DINO, DINOv2 (with and without registers), DeiT..."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._common import patch_grid, resample_pos_embed
+from ._common import dynamic, patch_grid, resample_pos_embed
 from .base import Adapter, Preprocessing, UnsupportedModelError, explicit_attention, layer_scale
 from .block_spec import PreNormBlock
 
@@ -33,7 +33,8 @@ class TimmViTAdapter(Adapter):
         super().__init__()
         if not is_timm_vit(model):
             raise UnsupportedModelError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-        for i, blk in enumerate(model.blocks):
+        vit = dynamic(model)
+        for i, blk in enumerate(vit.blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             missing += [f"attn.{p}" for p in _ATTN_PARTS if not hasattr(getattr(blk, "attn", None), p)]
             if missing:
@@ -42,16 +43,16 @@ class TimmViTAdapter(Adapter):
                     f"ViT blocks with a fused qkv projection are supported")
             if getattr(blk.attn, "gate", None) is not None:
                 raise UnsupportedModelError(f"timm block {i}: gated attention is not supported")
-        if model.pos_embed is None:
+        if vit.pos_embed is None:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no absolute position embedding (RoPE ViTs are not supported)")
-        if not isinstance(model.patch_embed.proj, nn.Conv2d):
+        if not isinstance(vit.patch_embed.proj, nn.Conv2d):
             raise UnsupportedModelError("timm patch embedding without a Conv2d projection is not supported")
         self.model = model
-        self.num_blocks = len(model.blocks)
-        self.num_heads = model.blocks[0].attn.num_heads
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.embed_dim = model.embed_dim
+        self.num_blocks = len(vit.blocks)
+        self.num_heads = vit.blocks[0].attn.num_heads
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.embed_dim = vit.embed_dim
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.name = getattr(model, "ultra_fast_name", None) or cfg.get("architecture") or type(model).__name__
         if cfg.get("tag"):
@@ -63,14 +64,15 @@ class TimmViTAdapter(Adapter):
         cfg = resolve_data_config({}, model=self.model)
         return Preprocessing(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                              input_size=tuple(cfg["input_size"][-2:]),
-                             patch_size=tuple(self.model.patch_embed.patch_size),
+                             patch_size=tuple(dynamic(self.model).patch_embed.patch_size),
                              interpolation=cfg.get("interpolation", "bicubic"))
 
     def grid_size(self, images: torch.Tensor) -> Tuple[int, int]:
-        return patch_grid(images, tuple(self.model.patch_embed.patch_size), self.name)
+        return patch_grid(images, tuple(dynamic(self.model).patch_embed.patch_size), self.name)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        m, pe = self.model, self.model.patch_embed
+        m = dynamic(self.model)
+        pe = m.patch_embed
         grid = self.grid_size(images)
         x = pe.proj(images).flatten(2).transpose(1, 2)
         x = pe.norm(x)
@@ -84,8 +86,8 @@ class TimmViTAdapter(Adapter):
             x = torch.cat(prefix + [x], dim=1) + pos
         return m.norm_pre(x)
 
-    def block(self, index: int, x: torch.Tensor):
-        blk = self.model.blocks[index]
+    def block(self, index: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        blk = dynamic(self.model).blocks[index]
         at = blk.attn
         h = blk.norm1(x)
         out, attn = explicit_attention(h, at.qkv.weight, at.qkv.bias, at.num_heads, at.scale,
@@ -96,10 +98,11 @@ class TimmViTAdapter(Adapter):
         return x, attn
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.norm(z))
+        m = dynamic(self.model)
+        return m.forward_head(m.norm(z))
 
-    def block_spec(self, index: int):
-        blk = self.model.blocks[index]
+    def block_spec(self, index: int) -> Optional[PreNormBlock]:
+        blk = dynamic(self.model).blocks[index]
         at, mlp = blk.attn, blk.mlp
         ok1, ls1 = layer_scale(blk.ls1)
         ok2, ls2 = layer_scale(blk.ls2)
