@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ def env_world() -> Tuple[int, int, int]:
     return rank, world, local
 
 
-def init(device: str = "cpu", timeout_s: float = None) -> Tuple[int, int, str]:
+def init(device: str = "cpu", timeout_s: Optional[float] = None) -> Tuple[int, int, str]:
     """Join the process group if torchrun started us; returns (rank, world size, this rank's device).
 
     Backend: nccl for CUDA devices, gloo on CPU. The default timeout is long (24 h, or
@@ -38,7 +38,7 @@ def init(device: str = "cpu", timeout_s: float = None) -> Tuple[int, int, str]:
         backend = "gloo"
     if not dist.is_initialized():
         timeout_s = timeout_s or float(os.environ.get("ULTRA_FAST_DIST_TIMEOUT_S", 24 * 3600))
-        kw = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        kw: Dict[str, Any] = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         if backend == "nccl":
             kw["device_id"] = torch.device(device)
         dist.init_process_group(**kw)

@@ -36,7 +36,8 @@ def sheet(rows, height: int = 240, pad: int = 6, caption_h: int = 16):
     tiles = []
     for title, img, ov in rows:
         w = max(1, round(img.width * height / img.height))
-        tiles.append((title, img.resize((w, height), Image.BICUBIC), ov.resize((w, height), Image.NEAREST)))
+        tiles.append((title, img.resize((w, height), Image.Resampling.BICUBIC),
+                      ov.resize((w, height), Image.Resampling.NEAREST)))
     width = max(2 * t[1].width for t in tiles) + 3 * pad
     total_h = len(tiles) * (height + caption_h + pad) + pad
     out = Image.new("RGB", (width, total_h), "white")

@@ -22,7 +22,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ def is_image_file(path: Path) -> bool:
 
 
 def _walk(folder: Path, exclude: Sequence[Path]) -> List[Path]:
-    out = []
+    out: List[Path] = []
     for root, dirs, files in os.walk(folder, followlinks=False):
         rootp = Path(root)
         # Never read a run's own outputs back as inputs (an --out folder inside an input folder).
@@ -88,7 +88,7 @@ def _expand(spec: str, exclude: Sequence[Path], from_list: Optional[Path] = None
     if p.is_file():
         if p.suffix.lower() == ".txt" and from_list is None:
             entries = _read_list(p)
-            out = []
+            out: List[Tuple[Path, Path]] = []
             for entry in entries:
                 out.extend(_expand(entry, exclude, from_list=p))
             return out
@@ -97,7 +97,7 @@ def _expand(spec: str, exclude: Sequence[Path], from_list: Optional[Path] = None
         pattern = str(p)
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
         root = glob_root(pattern)
-        files = []
+        files: List[Tuple[Path, Path]] = []
         for m in matches:
             if m.is_dir():
                 files.extend((f, m) for f in _walk(m, exclude))
@@ -131,21 +131,21 @@ def list_inputs(specs: Iterable[str], exclude: Sequence[os.PathLike] = ()) -> Li
 
     ``exclude``: folders never walked into (the run's output folder).
     """
-    exclude = [Path(e).resolve() for e in exclude]
-    found = {}
+    excluded = [Path(e).resolve() for e in exclude]
+    found: Dict[str, str] = {}
     for spec in specs:
-        for f, root in _expand(str(spec), exclude):
+        for f, root in _expand(str(spec), excluded):
             key = str(f.resolve())
             found.setdefault(key, _name_for(f, root))
     paths = sorted(found)
     names = [found[p] for p in paths]
     # Resolve name clashes deterministically: same stem, other extension -> keep the extension; then ~N.
-    counts = {}
+    counts: Dict[str, int] = {}
     for n in names:
         counts[n] = counts.get(n, 0) + 1
     names = [n + "_" + Path(p).suffix.lstrip(".").lower() if counts[n] > 1 else n for n, p in zip(names, paths)]
-    seen = {}
-    final = []
+    seen: Dict[str, int] = {}
+    final: List[str] = []
     for n in names:
         k = seen.get(n, 0)
         seen[n] = k + 1
@@ -242,7 +242,7 @@ def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
 def prefetch_loader(dataset: ImageDataset, workers: int = 2, prefetch: int = 2):
     """A DataLoader yielding single items in order, decoded ``workers`` at a time ahead of use; its workers
     end with this process however it ends."""
-    kw = dict(batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=_identity)
+    kw: Dict[str, Any] = dict(batch_size=None, shuffle=False, num_workers=max(0, int(workers)), collate_fn=_identity)
     if workers > 0:
         kw.update(prefetch_factor=max(1, prefetch), persistent_workers=False,
                   worker_init_fn=functools.partial(die_with_parent, os.getpid()))

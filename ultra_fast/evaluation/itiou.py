@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ def _centre_index(cells: int, pixels: int) -> np.ndarray:
     return np.minimum(((np.arange(cells) + 0.5) * pixels / cells).astype(np.int64), pixels - 1)
 
 
-def token_classes(label: np.ndarray, grid: Tuple[int, int], ignore_index: int = 255) -> np.ndarray:
+def token_classes(label: np.ndarray, grid: Sequence[int], ignore_index: int = 255) -> np.ndarray:
     """(h*w,) class of the label pixel at each patch centre, in row-major token order.
 
     Patch (r, c) of the h x w grid, laid over the H x W label, spans rows [r*H/h, (r+1)*H/h); its centre
@@ -53,7 +53,9 @@ def _check_label(label: np.ndarray) -> np.ndarray:
 
 
 def _taus(tau: Taus) -> Tuple[float, ...]:
-    taus = (float(tau),) if isinstance(tau, numbers.Real) else tuple(float(t) for t in tau)
+    # numbers.Real (not float) so numpy scalars count as one threshold; anything else is a sequence.
+    taus = ((float(tau),) if isinstance(tau, numbers.Real)
+            else tuple(float(t) for t in cast(Sequence[float], tau)))
     if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
         raise ConfigError(f"tau must be a threshold in [0, 1] or a non-empty sequence of them; got {tau!r}")
     return taus

@@ -11,7 +11,7 @@ normalisation mean colour and ``noise_std`` is in normalised units.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ def perturbation_test(model: Union[nn.Module, Adapter], image: torch.Tensor, map
     if tuple(np_maps.shape[1:]) != tuple(grid):
         raise InputError(f"maps are on a {tuple(np_maps.shape[1:])} grid but the image gives a {tuple(grid)} grid")
     plan = plan_perturbation(np_maps, k, fraction, seed)
-    patch = tuple(adapter.preprocessing.patch_size)
+    patch = cast(Tuple[int, int], tuple(adapter.preprocessing.patch_size))  # (ph, pw) by the config's type
     rows = torch.as_tensor(np.concatenate([plan.tokens, plan.tokens]) + adapter.num_prefix_tokens,
                            device=adapter.device)
     out: Dict[str, Dict[str, List[float]]] = {}

@@ -51,7 +51,7 @@ def context(results: Dict[str, Any]) -> str:
 # Markdown
 
 
-def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |"
                                                                            for r in rows]
 

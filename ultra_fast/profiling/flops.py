@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -87,10 +87,12 @@ def _mlp_hidden_fallback(adapter: Adapter) -> int:
 def _geometry(adapter: Adapter, autograd: bool = False) -> _Geometry:
     specs = [adapter.block_spec(i) for i in range(adapter.num_blocks)]
     fallback = None if all(s is not None for s in specs) else _mlp_hidden_fallback(adapter)
-    hidden = tuple(int(s.fc1_weight.shape[0]) if s is not None else fallback for s in specs)
+    # fallback is None only when every block has a spec, so it is never used then
+    hidden = tuple(int(s.fc1_weight.shape[0]) if s is not None else cast(int, fallback) for s in specs)
     manual = tuple(s is not None and not autograd for s in specs)
+    patch = cast(Tuple[int, int], tuple(adapter.preprocessing.patch_size))  # (ph, pw) by the config's type
     return _Geometry(adapter.num_blocks, adapter.num_heads, adapter.embed_dim, adapter.num_prefix_tokens,
-                     tuple(adapter.preprocessing.patch_size), hidden, manual)
+                     patch, hidden, manual)
 
 
 def _num_targets(targets: TargetSpec, n: int, P: int) -> int:

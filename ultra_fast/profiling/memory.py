@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -42,9 +42,9 @@ class PeakMemory:
         self._stop: Optional[threading.Event] = None
         self._thread: Optional[threading.Thread] = None
 
-    def _sample(self) -> None:
+    def _sample(self, stop: threading.Event) -> None:
         # Event.wait doubles as the sleep, so exit never waits a full interval.
-        while not self._stop.wait(self.interval):
+        while not stop.wait(self.interval):
             self.peak_rss = max(self.peak_rss, _rss())
 
     def __enter__(self) -> "PeakMemory":
@@ -57,15 +57,17 @@ class PeakMemory:
                 release_freed_heap()
             self.start_bytes = self.peak_rss = _rss()
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, name="PeakMemory", daemon=True)
+            self._thread = threading.Thread(target=self._sample, args=(self._stop,), name="PeakMemory", daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_rss = torch.cuda.max_memory_allocated(self.device)
         else:
+            # __enter__ started the sampler on this (non-CUDA) device
+            assert self._stop is not None and self._thread is not None
             self._stop.set()
             self._thread.join()
             self.peak_rss = max(self.peak_rss, _rss())

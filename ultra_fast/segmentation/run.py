@@ -213,6 +213,7 @@ def segment_one(maps: torch.Tensor, size: Tuple[int, int], s: SegmentSettings,
     elif positions is not None and s.assign == "token" and n < h * w:
         # the cluster of the nearest explained token (segment_maps's rule), already row-chunked
         ids = small.token_clusters.reshape(-1)[np.asarray(positions)]
+        assert small.token_positions is not None  # set whenever token_positions were passed
         labels = ids[nearest_token(small.token_positions, (h, w), (H, W))].astype(np.int32)
     else:
         flat = part.maps

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -81,16 +81,17 @@ def tokenize_pair(tokenizer, context: str, summary: str, separator: str = DEFAUL
     except NotImplementedError as e:
         raise ConfigError(f"{type(tokenizer).__name__} gives no offset mapping; use a fast tokenizer") from e
     ids = list(enc["input_ids"])
-    offsets = [tuple(int(v) for v in o) for o in enc["offset_mapping"]]
+    # offset_mapping holds one (start, end) character span per token
+    offsets = [cast(Tuple[int, int], tuple(int(v) for v in o)) for o in enc["offset_mapping"]]
     special = list(enc.get("special_tokens_mask") or [0] * len(ids))
     ctx_end, sum_start = len(context), len(context) + len(separator)
     roles = []
-    for (s, e), sp in zip(offsets, special):
-        if sp or s == e:
+    for (start, end), sp in zip(offsets, special):
+        if sp or start == end:
             roles.append("special")
-        elif s < ctx_end:
+        elif start < ctx_end:
             roles.append("context")
-        elif e > sum_start:
+        elif end > sum_start:
             roles.append("summary")
         else:
             roles.append("separator")

@@ -11,7 +11,7 @@ Each patch token lies in at most one segment, so a batch caches at most one diff
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def segment_with_w(adapter: Adapter, images: torch.Tensor, theta: torch.Tensor, 
     fn = LearnedScalar(theta.detach(), adapter.num_prefix_tokens)
     config = (config or ExplainConfig()).replace(layer=layer, scalar=fn, targets="patches")
     maps = explain_with(adapter, images, config)
-    size = tuple(images.shape[-2:])
+    size = cast(Tuple[int, int], tuple(images.shape[-2:]))  # (H, W) of the (B, 3, H, W) batch
     return np.stack([segment_maps(m, size, threshold=threshold, assign=assign).labels for m in maps])
 
 

@@ -144,6 +144,7 @@ def _settings_mismatch(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
         a, b = old.get(k), new.get(k)
         if a != b:
             if k == "images":
+                assert b is not None  # the new settings always list their images
                 a, b = f"{len(a or [])} images {list(a or [])[:3]}...", f"{len(b)} images {list(b)[:3]}..."
             out.append(f"{k}: checkpoint {a!r}, now {b!r}")
     return out

@@ -18,7 +18,7 @@ def colorize(m: np.ndarray, cmap: str = "jet") -> np.ndarray:
 
 def overlay(image: Image.Image, m: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
     """Blend the coloured map (resized to the image) over the image."""
-    heat = Image.fromarray(colorize(m, cmap)).resize(image.size, Image.BILINEAR)
+    heat = Image.fromarray(colorize(m, cmap)).resize(image.size, Image.Resampling.BILINEAR)
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
@@ -38,10 +38,11 @@ def token_grid(image: Image.Image, maps: np.ndarray, boxes: Sequence[Optional[Tu
     tw, th = max(1, round(image.width * scale)), max(1, round(image.height * scale))
     sheet = Image.new("RGB", (columns * tw, rows * (th + label_h)), "white")
     for t in range(T):
-        cell = overlay(image, maps[t], alpha).resize((tw, th), Image.BILINEAR)
+        cell = overlay(image, maps[t], alpha).resize((tw, th), Image.Resampling.BILINEAR)
         draw = ImageDraw.Draw(cell)
-        if boxes[t] is not None:
-            l, tp, r, b = (v * scale for v in boxes[t])
+        box = boxes[t]
+        if box is not None:
+            l, tp, r, b = (v * scale for v in box)
             draw.rectangle([l, tp, r - 1, b - 1], outline="white", width=2)
             draw.rectangle([l - 1, tp - 1, r, b], outline="black", width=1)
         x, y = (t % columns) * tw, (t // columns) * (th + label_h)

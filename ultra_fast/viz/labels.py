@@ -12,8 +12,11 @@ from ..errors import ConfigError, InputError
 def palette(n: int = 256) -> np.ndarray:
     """(n, 3) uint8 distinct colours: matplotlib's tab20 first, then golden-ratio hues. Deterministic."""
     from matplotlib import colormaps
-    base = (np.asarray(colormaps["tab20"].colors)[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
-                                                   1, 3, 5, 7, 9, 11, 13, 15, 17, 19]] * 255).round()
+    from matplotlib.colors import ListedColormap
+    tab20 = colormaps["tab20"]
+    assert isinstance(tab20, ListedColormap)  # a qualitative map: its 20 colours are listed
+    base = (np.asarray(tab20.colors)[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+                                      1, 3, 5, 7, 9, 11, 13, 15, 17, 19]] * 255).round()
     out = [tuple(int(v) for v in c) for c in base[:n]]
     i = 0
     while len(out) < n:
