@@ -139,7 +139,7 @@ def nearest_filled(maps: torch.Tensor, positions: Optional[np.ndarray]) -> torch
     nearest explained one (``segmentation.nearest_token``); unchanged when every patch was explained."""
     if positions is None:
         return maps
-    grid = tuple(maps.shape[1:])
+    grid = (int(maps.shape[1]), int(maps.shape[2]))
     nearest = nearest_token(grid_positions(positions, grid, maps.shape[0]), grid, grid)
     return maps[torch.from_numpy(nearest.reshape(-1))]
 
@@ -152,7 +152,8 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     C, ignore = plan.dataset["num_classes"], plan.dataset["ignore_index"]
     clock = _Stopwatch()
     x = adapter.preprocess(image, size=c.size)
-    grid = tuple(adapter.grid_size(x))
+    h, w = adapter.grid_size(x)
+    grid = (int(h), int(w))
     feats = last_layer_tokens(adapter, x)
     patches = pixel_patches(label.shape, grid)
     seed = image_seed(c.seed, sample.name)
@@ -187,14 +188,15 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
             for name in c.aggregations[1:]:
                 other = token_partition(maps, token_positions=positions, aggregation=name,
                                         features=sub_feats if needs_features(name) else None, seed=seed)
-                cuts = [(z, int(matched[(scalar, layer, float(z))].max()) + 1) for z in c.thresholds]
+                cuts: List[Tuple[Union[float, str], Optional[int]]] = [
+                    (z, int(matched[(scalar, layer, float(z))].max()) + 1) for z in c.thresholds]
                 if has_own_count(name):
                     cuts.append((AUTO, None))
-                for z, k in cuts:
+                for zeta, k in cuts:
                     for assign in c.assigns:
                         seg = segment_maps(maps, label.shape, n_clusters=k, assign=assign,
                                            token_positions=positions, partition=other)
-                        ultra[aggregation_key(name, scalar, layer, assign, z)] = segmentation_record(
+                        ultra[aggregation_key(name, scalar, layer, assign, zeta)] = segmentation_record(
                             seg.labels, label, C, ignore, patches, feats)
             clock.lap("segment")
             if (scalar, layer) == (p_scalar, p_layer):
@@ -203,8 +205,9 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
     baselines: Dict[str, Any] = {}
     n = grid[0] * grid[1]
     if "kmeans" in c.baselines:
-        for name, k in ((KMEANS_SEGMENTS, primary_clusters), (KMEANS_CLASSES, C)):
-            ids = kmeans_token_clusters(feats, grid, min(int(k), n), seed=seed)
+        assert primary_clusters is not None  # the primary setting is one of the (scalar, layer, ζ) above
+        for name, count in ((KMEANS_SEGMENTS, primary_clusters), (KMEANS_CLASSES, C)):
+            ids = kmeans_token_clusters(feats, grid, min(int(count), n), seed=seed)
             pred = upsample_nearest(ids, label.shape)
             baselines[name] = segmentation_record(pred, label, C, ignore, patches, feats)
         clock.lap("baselines")
@@ -226,6 +229,7 @@ def evaluate_image(adapter: Adapter, plan: RunPlan, sample: Sample, image, label
 
     perturbation = None
     if c.perturbation and n >= 3:
+        assert primary_maps is not None  # the primary (scalar, layer) was explained above
         perturbation = perturbation_test(adapter, x, primary_maps, layer=p_layer, k=min(c.perturb_k, n),
                                          fraction=PERTURB_FRACTION, noise_std=PERTURB_NOISE_STD, seed=seed)
         clock.lap("perturbation")

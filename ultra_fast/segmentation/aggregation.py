@@ -94,10 +94,10 @@ class Partition:
     maps: np.ndarray
     summed: np.ndarray
     linkage: np.ndarray
-    _cut_kept: Optional[Callable[[Optional[float], Optional[int]], np.ndarray]] = None  # cuts the kept rows
-    _kept: Optional[np.ndarray] = None
-    _positions: Optional[np.ndarray] = None
-    _grid: Tuple[int, int] = (0, 0)
+    _cut_kept: Callable[[Optional[float], Optional[int]], np.ndarray]  # cuts the kept rows
+    _kept: np.ndarray                                                  # (n,) bool: not an artefact token
+    _positions: np.ndarray                                             # (n,) row-major patch of each token
+    _grid: Tuple[int, int]
     _cuts: Dict[Tuple[Optional[float], Optional[int]], np.ndarray] = field(default_factory=dict)
 
     def cut(self, threshold: Optional[float] = 0.4, n_clusters: Optional[int] = None) -> np.ndarray:
@@ -111,7 +111,7 @@ class Partition:
         return self._cuts[key].copy()
 
     def _cut(self, threshold: Optional[float], n_clusters: Optional[int]) -> np.ndarray:
-        if self._kept is None or self._kept.all():
+        if self._kept.all():
             return self._cut_kept(threshold, n_clusters)
         if n_clusters is not None:
             n_clusters = min(int(n_clusters), int(self._kept.sum()))
@@ -253,17 +253,21 @@ def aggregate(flat: np.ndarray, grid: Tuple[int, int], name: str = "paper",
     if not kept.all():
         maps = min_max(neutralise_columns(flat, pos[~kept], grid))
     sub, sub_pos = maps[kept], pos[kept]
+    kept_features = features[kept] if features is not None else None
+    cut_kept: Callable[[Optional[float], Optional[int]], np.ndarray]
     if base in ("paper", "refined", "propagated"):
         clustering = TokenClustering(min_max(sub), metric, method)
         cut_kept, Z = clustering.cut, clustering.Z
         if base == "refined":
             cut_kept = RefinedCut(unit_rows(min_max(sub)), clustering).cut
         elif base == "propagated":
-            cut_kept = RefinedCut(unit_rows(propagated_features(sub, sub_pos, features[kept])), clustering).cut
+            assert kept_features is not None  # needs_features(name) was checked above
+            cut_kept = RefinedCut(unit_rows(propagated_features(sub, sub_pos, kept_features)), clustering).cut
     else:
         A = relevance_affinity(sub, sub_pos)
         if base == "joint":
-            A = (1.0 - float(beta)) * A + float(beta) * feature_affinity(features[kept])
+            assert kept_features is not None  # needs_features(name) was checked above
+            A = (1.0 - float(beta)) * A + float(beta) * feature_affinity(kept_features)
         spectral = SpectralCut(A, seed=seed)
         cut_kept, Z = spectral.cut, np.zeros((0, 4))
     return Partition(maps, kept.copy(), Z, cut_kept, kept, pos, (h, w))
