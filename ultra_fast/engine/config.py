@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
 from ..errors import ConfigError
 from .backend import BACKENDS
 from .maps import INTERPOLATIONS, Size
-from .options import ComputeDtype, check_order, parse_compute_dtype
+from .options import ComputeDtype, check_order, parse_compute_dtype, resolve_compute_dtype
 from .scalars import SCALARS, ScalarFn
 from .targets import TARGET_NAMES, Targets
 
@@ -112,25 +112,45 @@ class ExplainConfig:
         """``ExplainConfig(**kwargs)`` with a ``ConfigError`` naming unknown options (not a bare TypeError)."""
         return cls().replace(**kwargs) if kwargs else cls()
 
-    def changed(self, names: Iterable[str]) -> Dict[str, Any]:
-        """The options among ``names`` that differ from their defaults, JSON-ready (a dtype by its name)."""
+    def _not_default(self, names: Iterable[str]) -> List[str]:
+        """Those of ``names`` whose value differs from the default's (identity first: a tensor (targets,
+        weights) has no plain truth value for ``!=``)."""
         default = ExplainConfig()
-        out: Dict[str, Any] = {}
+        out = []
         for name in names:
-            value = getattr(self, name)
-            if value is not getattr(default, name) and value != getattr(default, name):
-                out[name] = str(value).replace("torch.", "") if isinstance(value, torch.dtype) else value
+            value, base = getattr(self, name), getattr(default, name)
+            if value is not base and (isinstance(value, torch.Tensor) or value != base):
+                out.append(name)
         return out
 
-    def require_defaults(self, names: Iterable[str], owner: str) -> None:
-        """Refuse options that ``owner`` sets itself (e.g. the evaluation sweeps ``layer`` and ``scalar``)."""
-        default = ExplainConfig()
-        # identity first: a tensor (targets, weights) has no plain truth value for ``!=``
-        set_here = [n for n in names if getattr(self, n) is not getattr(default, n)
-                    and (isinstance(getattr(self, n), torch.Tensor) or getattr(self, n) != getattr(default, n))]
+    def changed(self, names: Iterable[str]) -> Dict[str, Any]:
+        """The options among ``names`` that differ from their defaults, JSON-ready (a dtype by its name)."""
+        out: Dict[str, Any] = {}
+        for name in self._not_default(names):
+            value = getattr(self, name)
+            out[name] = str(value).replace("torch.", "") if isinstance(value, torch.dtype) else value
+        return out
+
+    @classmethod
+    def for_owner(cls, config: Optional["ExplainConfig"], sets: Iterable[str], owner: str) -> "ExplainConfig":
+        """``config`` (None: the defaults) for a caller that sets ``sets`` itself (e.g. the evaluation sweeps
+        ``layer`` and ``scalar``): anything but an ``ExplainConfig``, or one that sets them, is refused."""
+        if config is None:
+            return cls()
+        if not isinstance(config, ExplainConfig):
+            raise ConfigError(f"explain must be an ExplainConfig; got {type(config).__name__}")
+        set_here = config._not_default(sets)
         if set_here:
             raise ConfigError(f"{owner} sets {', '.join(set_here)} itself; leave "
                               f"{'it' if len(set_here) == 1 else 'them'} out of its ExplainConfig")
+        return config
+
+    def on(self, device: torch.device, model_dtype: torch.dtype) -> "ExplainConfig":
+        """This config with ``compute_dtype`` resolved for ``device`` ("auto" settled; a half dtype the device
+        does not compute natively refused with ``UnsupportedHardwareError``), for runs that record it."""
+        if self.compute_dtype is None:
+            return self
+        return self.replace(compute_dtype=resolve_compute_dtype(self.compute_dtype, device, model_dtype))
 
     def kwargs(self) -> Dict[str, Any]:
         """The options as keyword arguments of ``explain`` (e.g. to record or to forward them)."""

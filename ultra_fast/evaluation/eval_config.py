@@ -133,9 +133,7 @@ class EvalConfig:
             raise ConfigError(f"perturb_k must be a positive int; got {self.perturb_k!r}")
         if isinstance(self.target_stride, bool) or not isinstance(self.target_stride, int) or self.target_stride < 1:
             raise ConfigError(f"target_stride must be a positive int; got {self.target_stride!r}")
-        if not isinstance(self.explain, ExplainConfig):
-            raise ConfigError(f"explain must be an ExplainConfig; got {type(self.explain).__name__}")
-        self.explain.require_defaults(EVAL_SETS, "the evaluation")
+        ExplainConfig.for_owner(self.explain, EVAL_SETS, "the evaluation")
         if not self.aggregations or self.aggregations[0] != "paper" or len(set(self.aggregations)) != len(
                 self.aggregations) or any(a not in AGGREGATIONS for a in self.aggregations):
             raise ConfigError(f"aggregations must start with 'paper' (the others are cut to its segment counts) "

@@ -49,7 +49,7 @@ from typing import Any, Dict, Optional, Union
 from torch import nn
 
 from ..data.datasets import SegDataset
-from ..engine.options import resolve_compute_dtype, resolve_layer
+from ..engine.options import resolve_layer
 from ..errors import ConfigError
 from ..models import Adapter, wrap
 from .eval_config import EvalConfig, RunPlan, aggregation_key, maps_key, matched_key, mode_of, ultra_key
@@ -78,9 +78,8 @@ def make_plan(adapter: Adapter, dataset: SegDataset, config: EvalConfig,
     if config.explain.start_block > min(layers):
         raise ConfigError(f"start_block {config.explain.start_block} lies after layer {min(layers)}: every "
                           f"explained layer needs start_block <= layer")
-    if config.explain.compute_dtype is not None:  # "auto" and a non-native half dtype are settled here, once
-        dtype = resolve_compute_dtype(config.explain.compute_dtype, adapter.device, adapter.dtype)
-        config = dataclasses.replace(config, explain=config.explain.replace(compute_dtype=dtype))
+    # "auto" and a non-native half dtype are settled here, once, before the run key is made
+    config = dataclasses.replace(config, explain=config.explain.on(adapter.device, adapter.dtype))
     info = {"name": dataset.name, "root": str(Path(dataset.root).resolve()), "split": dataset.split,
             "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
             "ignore_index": int(dataset.ignore_index)}

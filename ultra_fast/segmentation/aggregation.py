@@ -256,10 +256,11 @@ def aggregate(flat: np.ndarray, grid: Tuple[int, int], name: str = "paper",
     kept_features = features[kept] if features is not None else None
     cut_kept: Callable[[Optional[float], Optional[int]], np.ndarray]
     if base in ("paper", "refined", "propagated"):
-        clustering = TokenClustering(min_max(sub), metric, method)
+        scaled = min_max(sub)
+        clustering = TokenClustering(scaled, metric, method)
         cut_kept, Z = clustering.cut, clustering.Z
         if base == "refined":
-            cut_kept = RefinedCut(unit_rows(min_max(sub)), clustering).cut
+            cut_kept = RefinedCut(unit_rows(scaled), clustering).cut
         elif base == "propagated":
             assert kept_features is not None  # needs_features(name) was checked above
             cut_kept = RefinedCut(unit_rows(propagated_features(sub, sub_pos, kept_features)), clustering).cut

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..data.inputs import load_rgb
 from ..engine.config import RESULT_OPTIONS, ExplainConfig
-from ..engine.options import resolve_compute_dtype, resolve_layer
+from ..engine.options import resolve_layer
 from ..errors import ConfigError
 from ..models import Adapter, wrap
 from ..models.preprocess import target_size, to_rgb
@@ -177,14 +177,9 @@ def train_w(model, images: Sequence[ImageSource], size: Union[None, int, Tuple[i
             Options that change the maps are recorded in the settings where not at their defaults.
     """
     _check_args(threshold, delta, perturb, batch_size, epochs, lr, steps, seed, assign)
-    config = explain if explain is not None else ExplainConfig()
-    if not isinstance(config, ExplainConfig):
-        raise ConfigError(f"explain must be an ExplainConfig; got {type(config).__name__}")
-    config.require_defaults(TRAIN_SETS, "train_w")
+    config = ExplainConfig.for_owner(explain, TRAIN_SETS, "train_w")
     adapter = wrap(model)
-    if config.compute_dtype is not None:  # "auto" and a non-native half dtype are settled before any work
-        config = config.replace(compute_dtype=resolve_compute_dtype(config.compute_dtype, adapter.device,
-                                                                    adapter.dtype))
+    config = config.on(adapter.device, adapter.dtype)  # "auto" settled before any work and recorded
     if not images:
         raise ConfigError("train_w needs at least one image")
     images = list(images)
